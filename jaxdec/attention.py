@@ -1,0 +1,100 @@
+"""Masks and scaled dot-product attention with `-inf` masking and a NaN-free softmax.
+
+Masks are boolean and True where attention is allowed. Every function is pure `jnp` and works
+under `jit` and `vmap`; the batched functions take a leading B axis, and `attend` also accepts
+unbatched arrays so `vmap(attend)` over examples equals the batched call.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def causal_mask(query_len: int, key_len: int | None = None, offset: int | jax.Array = 0) -> jax.Array:
+    """Lower-triangular mask: query i (at absolute position offset + i) sees keys 0 .. offset + i.
+
+    Returns bool [T, S]. With offset 0 and S == T this is the textbook mask: row i sees columns
+    0..i only.
+    """
+    key_len = query_len if key_len is None else key_len
+    rows = jnp.arange(query_len)[:, None] + offset  # [T, 1]
+    cols = jnp.arange(key_len)[None, :]  # [1, S]
+    return cols <= rows
+
+
+def padding_mask(lengths: jax.Array, key_len: int) -> jax.Array:
+    """Keys at index >= length are padding. lengths int [B] -> bool [B, S]."""
+    return jnp.arange(key_len)[None, :] < lengths[:, None]
+
+
+def key_range_mask(starts: jax.Array, ends: jax.Array, key_len: int) -> jax.Array:
+    """Keys in [start, end) are valid. starts, ends int [B] (or scalars) -> bool [B, S]."""
+    slots = jnp.arange(key_len)[None, :]  # [1, S]
+    return (slots >= jnp.reshape(starts, (-1, 1))) & (slots < jnp.reshape(ends, (-1, 1)))
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """Logical AND of broadcastable masks, skipping None (None if all are None)."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+def decoder_self_mask(lengths: jax.Array, query_len: int) -> jax.Array:
+    """Causal AND padding for right-padded sequences: bool [B, T, T].
+
+    Query rows at padding positions see their earlier real tokens (harmless: their outputs are
+    never used), so only an all-padding example can give a fully masked row.
+    """
+    return combine_masks(causal_mask(query_len)[None], padding_mask(lengths, query_len)[:, None, :])
+
+
+def safe_softmax(scores: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax over the last axis of `jnp.where(mask, scores, -inf)`.
+
+    A row with no allowed key gives all zeros instead of NaN, and its gradient is zero rather than
+    NaN: the row max is replaced by 0 where it is -inf, and the denominator by 1 where it is 0.
+    Computed in float32 whatever the input dtype, for a stable normaliser.
+    """
+    scores = scores.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    unnormalised = jnp.exp(scores - row_max)  # exp(-inf) = 0 for masked keys
+    denom = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    return unnormalised / jnp.where(denom > 0, denom, 1.0)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Multi-head scaled dot-product attention with grouped K/V heads.
+
+    Args:
+      q: [B, T, N, H] queries (or unbatched [T, N, H]).
+      k: [B, S, K, H] keys; N % K == 0 (K == N: multi-head, K == 1: multi-query).
+      v: [B, S, K, H] values.
+      mask: bool broadcastable to [B, T, S] (or [T, S] unbatched), True where allowed; None: all.
+
+    Returns:
+      [B, T, N, H] in q's dtype. Rows with no allowed key are zeros.
+    """
+    if q.ndim == 3:
+        out = attend(q[None], k[None], v[None], None if mask is None else jnp.asarray(mask)[None])
+        return out[0]
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    if N % K:
+        raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
+    G = N // K
+    q = q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, q.dtype)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k)  # [B, K, G, T, S]
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (B, T, k.shape[1]))[:, None, None]  # [B, 1, 1, T, S]
+    probs = safe_softmax(scores, mask).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, H]
+    return out.reshape(B, T, N, H)

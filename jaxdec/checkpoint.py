@@ -1,0 +1,269 @@
+"""Checkpoints of a training-state pytree: save, find the latest, restore with fallback.
+
+Layout: one directory per step, ``directory/<step>/``, written by orbax-checkpoint's
+synchronous ``Checkpointer(StandardCheckpointHandler())``. Orbax writes each step into
+``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a directory whose name is
+all digits is a finished write; the tmp directory of a crashed save is never listed.
+
+Why not ``ocp.CheckpointManager``: it silently skips (returns False for) a save whose step is
+not above the newest one on disk, which is exactly what happens after resuming from an
+older checkpoint because the newest one was corrupt. Listing and pruning steps ourselves is
+a few lines and keeps that path explicit.
+
+Integrity: orbax/tensorstore detects missing or truncated files and damaged index nodes, but a
+flipped bit inside array data restored silently with a wrong value in our tests (orbax
+0.12.8). So ``save`` also records, per leaf, its path, dtype, shape and a SHA-256 of its
+bytes in the checkpoint's own metadata (written inside the same atomic rename), and
+``restore`` checks them. A checkpoint that fails to load or to verify is "corrupt".
+
+PRNG keys: typed keys (``jax.random.key``) are stored as their raw ``uint32`` key data and
+re-wrapped with the template's key implementation on restore; raw ``jax.random.PRNGKey``
+arrays are plain ``uint32`` arrays already. Single-process only: every leaf is copied to
+the host to be hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import os
+import pathlib
+import shutil
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+# Key under which save() stores the per-leaf records in orbax's custom step metadata.
+_LEAVES_KEY = "jaxdec_leaves"
+# Suffix orbax gives a step directory while it is being written (renamed away on success).
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint directory exists but cannot be restored or fails its checksums."""
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def all_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps with a finished checkpoint under `directory`, ascending ([] if none).
+
+    Only directories named by a bare integer count; orbax's in-progress
+    ``<step>.orbax-checkpoint-tmp`` directories (and any other files) are ignored.
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest step with a finished checkpoint under `directory`, or None.
+
+    Finished means fully written and renamed; it is not checked for later damage (`restore`
+    does that and falls back).
+    """
+    steps = all_steps(directory)
+    return steps[-1] if steps else None
+
+
+def _as_step(step: Any) -> int:
+    """`step` as a non-negative Python int (accepts int, numpy/JAX integer scalars)."""
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}") from None
+    if value < 0:
+        raise ValueError(f"step must be a non-negative integer, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------ leaf handling
+
+
+def _is_typed_key(x: Any) -> bool:
+    """True for a typed PRNG key array (dtype key<impl>); False for raw uint32 keys."""
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_storable(state: PyTree) -> PyTree:
+    """`state` with typed PRNG keys replaced by their uint32 key data [..., key_shape]."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, state)
+
+
+def _from_storable(template: PyTree, restored: PyTree) -> PyTree:
+    """Re-wraps key data in `restored` wherever `template` holds a typed key."""
+    return jax.tree.map(
+        lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_typed_key(t) else r,
+        template,
+        restored,
+    )
+
+
+def _spec(x: Any) -> tuple[str, list[int]]:
+    """(dtype name, shape) of an array, ShapeDtypeStruct or Python/NumPy scalar."""
+    if not (hasattr(x, "dtype") and hasattr(x, "shape")):
+        x = np.asarray(x)
+    return str(np.dtype(x.dtype)), list(x.shape)
+
+
+def _leaf_records(tree: PyTree, *, with_digest: bool) -> list[dict]:
+    """One record per leaf, in flattening order: path, dtype, shape (and sha256 of the bytes)."""
+    records = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype, shape = _spec(leaf)
+        record = {"path": jax.tree_util.keystr(path), "dtype": dtype, "shape": shape}
+        if with_digest:
+            # np.asarray copies a device array to the host; tobytes() is C-order.
+            record["sha256"] = hashlib.sha256(np.asarray(leaf).tobytes()).hexdigest()
+        records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def save(directory: str | os.PathLike, state: PyTree, step: int, *, keep: int = 3) -> pathlib.Path:
+    """Writes `state` as checkpoint `step` under `directory` and keeps the newest `keep` steps.
+
+    Args:
+      directory: checkpoint root; created if missing. The step goes to `directory/<step>/`.
+      state: any pytree of JAX/NumPy arrays (typed or raw PRNG keys included).
+      step: non-negative int; an existing checkpoint of the same step is replaced.
+      keep: how many of the newest steps to keep (>= 1); older ones are deleted.
+
+    Returns:
+      The path of the written step directory.
+
+    Synchronous: when this returns the checkpoint is complete on disk, so a crash right after
+    cannot leave it half-written. Checkpoints with a step above `step` (left by a run that was
+    then resumed from an earlier step) are deleted first, with a warning: otherwise "latest"
+    would point back into the abandoned run.
+    """
+    step = _as_step(step)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    newer = [s for s in all_steps(directory) if s > step]
+    if newer:
+        warnings.warn(
+            f"saving step {step} in {directory}: deleting newer checkpoints {newer} "
+            "from the run this one was resumed past",
+            stacklevel=2,
+        )
+        for s in newer:
+            shutil.rmtree(directory / str(s))
+    # Leftovers of saves that crashed mid-write; never restorable.
+    for tmp in directory.glob(f"*{_TMP_SUFFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    storable = _to_storable(state)
+    path = directory / str(step)
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+        # force=True: replacing a same-numbered checkpoint is the normal case after a fallback
+        # (the corrupt step is re-reached). custom_metadata lands inside the atomic rename.
+        checkpointer.save(
+            path,
+            args=ocp.args.StandardSave(storable),
+            custom_metadata={_LEAVES_KEY: _leaf_records(storable, with_digest=True)},
+            force=True,
+        )
+
+    for s in all_steps(directory)[:-keep]:
+        shutil.rmtree(directory / str(s))
+    return path
+
+
+# ------------------------------------------------------------------------- restore
+
+
+def _restore_step(path: pathlib.Path, template: PyTree) -> PyTree:
+    """Restores one step directory into `template`'s structure, dtypes and shardings.
+
+    Raises:
+      CorruptCheckpointError: the checkpoint is unreadable, incomplete, or fails its checksums.
+      ValueError: the checkpoint is intact but was saved from a differently shaped state.
+    """
+    storable_template = _to_storable(template)
+    wanted = _leaf_records(storable_template, with_digest=False)
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+        try:
+            # Orbax logs (not raises) on a missing/garbled metadata file and returns {}.
+            saved = checkpointer.metadata(path).custom_metadata.get(_LEAVES_KEY)
+        except Exception as err:  # noqa: BLE001 - any failure to read means unusable
+            raise CorruptCheckpointError(f"unreadable metadata: {err!r}") from err
+        if not isinstance(saved, list) or not all(isinstance(r, dict) for r in saved):
+            raise CorruptCheckpointError("step metadata (_CHECKPOINT_METADATA) is missing or unreadable")
+
+        # A structural mismatch is the caller's error, not corruption: raise, don't fall back.
+        saved_specs = [{k: r.get(k) for k in ("path", "dtype", "shape")} for r in saved]
+        if saved_specs != wanted:
+            raise ValueError(f"template does not match the checkpoint at {path}: {_first_difference(saved_specs, wanted)}")
+
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, storable_template)
+        try:
+            restored = checkpointer.restore(path, args=ocp.args.StandardRestore(abstract))
+        except Exception as err:  # noqa: BLE001 - tensorstore raises ValueError/Exception/KeyError...
+            raise CorruptCheckpointError(f"cannot read arrays: {err!r}") from err
+
+    for got, expected in zip(_leaf_records(restored, with_digest=True), saved):
+        if got != expected:
+            raise CorruptCheckpointError(f"leaf {expected['path']} does not match its saved checksum")
+    return _from_storable(template, restored)
+
+
+def _first_difference(saved: list[dict], wanted: list[dict]) -> str:
+    """Human-readable first mismatch between saved and template leaf specs."""
+    for s, w in zip(saved, wanted):
+        if s != w:
+            return f"checkpoint has {s['path']} {s['dtype']}{s['shape']}, template has {w['path']} {w['dtype']}{w['shape']}"
+    return f"checkpoint has {len(saved)} leaves, template has {len(wanted)}"
+
+
+def restore(directory: str | os.PathLike, template: PyTree, *, step: int | None = None) -> tuple[PyTree, int]:
+    """Restores a checkpoint into the structure, dtypes and shardings of `template`.
+
+    Args:
+      directory: checkpoint root written by `save`.
+      template: a concrete state of the same structure (e.g. freshly initialised); its values
+        are ignored, its leaves' dtypes/shapes/shardings and key implementations are used.
+      step: restore exactly this step; None means the newest usable one.
+
+    Returns:
+      (state, step): the restored state, bit-identical to what was saved, and its step.
+
+    With step=None a corrupt or half-written newest checkpoint is skipped with a warning
+    naming the step and the error, then the next older one is tried, and so on.
+
+    Raises:
+      FileNotFoundError: no checkpoint (or no usable one, or not the requested `step`).
+      CorruptCheckpointError: the explicitly requested `step` is corrupt.
+      ValueError: the checkpoint was saved from a state of a different structure/dtype/shape.
+    """
+    directory = pathlib.Path(directory)
+    steps = all_steps(directory)
+    if step is not None:
+        step = _as_step(step)
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
+        try:
+            return _restore_step(directory / str(step), template), step
+        except CorruptCheckpointError as err:
+            raise CorruptCheckpointError(f"checkpoint step {step} in {directory} is unusable: {err}") from err
+
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found in {directory}")
+    for s in reversed(steps):
+        try:
+            return _restore_step(directory / str(s), template), s
+        except CorruptCheckpointError as err:
+            warnings.warn(f"checkpoint step {s} in {directory} is unusable, trying an older one: {err}", stacklevel=2)
+    raise FileNotFoundError(f"no usable checkpoint in {directory}: all of steps {steps} are corrupt")

@@ -1,0 +1,77 @@
+"""Validation of user input, run on the host before any compute.
+
+Every check raises ValueError naming the bad value and what was expected. Under an outer `jit`
+the inputs are tracers whose values are unknown: `is_concrete` tells the callers to skip the
+value checks there (shape and dtype checks still run), and `device_checks` offers the same value
+checks as `checkify` assertions for a checked mode.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+
+def is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_int_array(name: str, x, ndim: int) -> None:
+    """Rank and integer dtype (bool excluded)."""
+    shape = np.shape(x)
+    if len(shape) != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {shape}")
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_:
+        raise ValueError(f"{name} must be an integer array (int32), got dtype {dtype}")
+
+
+def check_token_ids(name: str, tokens, vocab_size: int) -> None:
+    """All ids in [0, vocab_size). tokens: concrete integer array."""
+    arr = np.asarray(tokens)
+    if arr.size == 0:
+        return
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds token id {bad}, outside [0, vocab_size={vocab_size})")
+
+
+def check_lengths(name: str, lengths, batch: int, min_length: int, max_length: int) -> None:
+    """lengths int [B] with min_length <= lengths[b] <= max_length."""
+    check_int_array(name, lengths, 1)
+    if np.shape(lengths)[0] != batch:
+        raise ValueError(f"{name} must have shape [{batch}] (one per example), got {np.shape(lengths)}")
+    if not is_concrete(lengths):
+        return
+    arr = np.asarray(lengths)
+    if arr.size and (arr.min() < min_length or arr.max() > max_length):
+        bad = int(arr.min()) if arr.min() < min_length else int(arr.max())
+        raise ValueError(f"{name} holds {bad}, outside [{min_length}, {max_length}]")
+
+
+def check_sequence(name: str, tokens, vocab_size: int, max_len: int) -> None:
+    """A [B, T] token batch: rank, dtype, non-empty, T <= max_len, ids in range (if concrete)."""
+    check_int_array(name, tokens, 2)
+    B, T = np.shape(tokens)
+    if B == 0 or T == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {(B, T)}")
+    if T > max_len:
+        raise ValueError(f"{name} has length {T}, beyond the model's max_len={max_len}")
+    if is_concrete(tokens):
+        check_token_ids(name, tokens, vocab_size)
+
+
+def device_checks(tokens: jax.Array, lengths: jax.Array | None, vocab_size: int) -> None:
+    """The value checks as `checkify.check` calls, for use inside `checkify.checkify`."""
+    checkify.check(
+        jnp.all((tokens >= 0) & (tokens < vocab_size)),
+        f"token ids must lie in [0, vocab_size={vocab_size})",
+    )
+    if lengths is not None:
+        checkify.check(
+            jnp.all((lengths >= 0) & (lengths <= tokens.shape[1])),
+            f"lengths must lie in [0, {tokens.shape[1]}]",
+        )

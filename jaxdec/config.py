@@ -1,0 +1,106 @@
+"""Frozen, hashable model configs: static arguments to `jax.jit`, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Position = Literal["learned", "sinusoidal", "rope"]
+NormPosition = Literal["pre", "post"]
+Activation = Literal["gelu", "gelu_tanh", "relu"]
+
+_POSITIONS = ("learned", "sinusoidal", "rope")
+_NORM_POSITIONS = ("pre", "post")
+_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """A decoder-only Transformer LM.
+
+    The defaults are GPT-2's choices (pre-LN, learned positions, tanh-GELU, biases, tied head,
+    LayerNorm eps 1e-5), so `DecoderConfig(50257, 12, 768, 12, 1024)` is GPT-2 small.
+
+    Attributes:
+      vocab_size: V, number of token ids.
+      num_layers: L.
+      d_model: D.
+      num_heads: N, query heads; D must divide by N (head dim H = D // N).
+      max_len: the longest sequence (positions 0 .. max_len - 1) the model accepts.
+      num_kv_heads: K, key/value heads (grouped-query attention); None means K = N.
+      d_ff: F, MLP hidden width; None means 4 * D.
+      position: "learned" (GPT-2), "sinusoidal" (original Transformer) or "rope".
+      norm_position: "pre" (LayerNorm before each sublayer, plus a final norm) or "post" (after
+        each residual add, as in the original Transformer; no final norm).
+      activation: "gelu" (exact erf), "gelu_tanh" (GPT-2's approximation) or "relu".
+      use_bias: biases in attention projections and the MLP.
+      tie_embeddings: output head is the transposed token embedding.
+      layer_norm_eps: epsilon inside LayerNorm.
+      rope_base: RoPE frequency base.
+      embed_scale: multiply token embeddings by sqrt(D) (original Transformer, Marian).
+      init_std: standard deviation of the normal weight init.
+    """
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    max_len: int
+    num_kv_heads: int | None = None
+    d_ff: int | None = None
+    position: Position = "learned"
+    norm_position: NormPosition = "pre"
+    activation: Activation = "gelu_tanh"
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    layer_norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    embed_scale: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_len"):
+            _check_positive(name, getattr(self, name))
+        if self.num_kv_heads is not None:
+            _check_positive("num_kv_heads", self.num_kv_heads)
+        if self.d_ff is not None:
+            _check_positive("d_ff", self.d_ff)
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model % num_heads must be 0, got d_model={self.d_model}, "
+                f"num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_heads % num_kv_heads must be 0, got num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        _check_choice("position", self.position, _POSITIONS)
+        _check_choice("norm_position", self.norm_position, _NORM_POSITIONS)
+        _check_choice("activation", self.activation, _ACTIVATIONS)
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dim, got {self.head_dim}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff

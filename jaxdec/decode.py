@@ -1,0 +1,233 @@
+"""Autoregressive decoding: one `lax.scan` over steps, carrying a named DecodeState.
+
+The loop (`decode_loop`) knows the model only through a step function
+`step_fn(params, state_cache, tokens [B], positions [B]) -> (logits [B, V], state_cache)`,
+so the same loop runs the cached path (a KVCache), the uncached baseline (a token buffer) and the
+encoder-decoder. `generate` validates input on the host, pads prompts to a width fixed by
+(capacity, max_new_tokens) so prompt contents and lengths never recompile, and runs prefill plus
+the loop as one XLA program.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec import cache as kv_cache
+from jaxdec import checks, model
+from jaxdec.config import DecoderConfig
+from jaxdec.sampling import Greedy, Sampler, Temperature, TopK, TopP
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Loop carry of the decode scan.
+
+    Attributes:
+      cache: the step function's state (KVCache, token buffer, ...).
+      tokens: int32 [B], the latest sampled token of each example (fed at the next step).
+      positions: int32 [B], the position of `tokens` in its example's sequence.
+      done: bool [B], the example has emitted eos_id.
+      lengths: int32 [B], tokens generated so far, the eos included.
+      key: PRNG key for the next sample.
+    """
+
+    cache: Any
+    tokens: jax.Array
+    positions: jax.Array
+    done: jax.Array
+    lengths: jax.Array
+    key: jax.Array
+
+
+@flax.struct.dataclass
+class GenerateResult:
+    """tokens int32 [B, max_new_tokens] (pad_id after an example's eos); lengths int32 [B];
+    logits float32 [B, max_new_tokens, V] that each token was sampled from (if requested)."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+    logits: jax.Array | None = None
+
+
+StepFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def decode_loop(
+    step_fn: StepFn,
+    params,
+    cache,
+    first_logits: jax.Array,
+    positions: jax.Array,
+    *,
+    sampler: Sampler,
+    key: jax.Array,
+    max_new_tokens: int,
+    eos_id: jax.Array,
+    pad_id: jax.Array,
+    return_logits: bool = False,
+) -> GenerateResult:
+    """Samples max_new_tokens tokens per example with one `lax.scan`.
+
+    Args:
+      step_fn: (params, cache, tokens [B], positions [B]) -> (logits [B, V], cache).
+      first_logits: float32 [B, V], the prefill's prediction of the first new token.
+      positions: int32 [B], position of the first new token (each prompt's length).
+      eos_id: int32 [], stop token (-1: never stop); pad_id: int32 [], emitted after stopping.
+    """
+    key, sub = jax.random.split(key)
+    first = sampler(first_logits, sub)
+    state = DecodeState(
+        cache=cache,
+        tokens=first,
+        positions=positions.astype(jnp.int32),
+        done=first == eos_id,
+        lengths=jnp.ones_like(first),
+        key=key,
+    )
+
+    def body(state: DecodeState, _):
+        logits, cache = step_fn(params, state.cache, state.tokens, state.positions)
+        key, sub = jax.random.split(state.key)
+        token = jnp.where(state.done, pad_id, sampler(logits, sub))
+        new = DecodeState(
+            cache=cache,
+            tokens=token,
+            positions=state.positions + 1,
+            done=state.done | (token == eos_id),
+            lengths=state.lengths + (~state.done).astype(jnp.int32),
+            key=key,
+        )
+        return new, (token, logits if return_logits else None)
+
+    final, (tokens, logits) = jax.lax.scan(body, state, length=max_new_tokens - 1)
+    tokens = jnp.concatenate([first[:, None], tokens.T], axis=1)  # [B, max_new_tokens]
+    if return_logits:
+        logits = jnp.concatenate([first_logits[:, None], jnp.swapaxes(logits, 0, 1)], axis=1)
+    return GenerateResult(tokens=tokens, lengths=final.lengths, logits=logits)
+
+
+def right_align(prompts: jax.Array, lengths: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """Moves right-padded prompts [B, P] to the right edge of [B, width]; returns tokens, starts.
+
+    Example b's tokens land in slots width - lengths[b] .. width - 1; slots before hold token 0.
+    """
+    starts = (width - lengths).astype(jnp.int32)
+    src = jnp.arange(width)[None, :] - starts[:, None]  # [B, W] index into the prompt
+    gathered = jnp.take_along_axis(prompts, jnp.clip(src, 0, prompts.shape[1] - 1), axis=1)
+    return jnp.where(src >= 0, gathered, 0).astype(jnp.int32), starts
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "sampler", "max_new_tokens", "capacity", "use_cache", "return_logits"),
+)
+def _generate_decoder(params, config, prompts, lengths, key, eos_id, pad_id, *, sampler,
+                      max_new_tokens, capacity, use_cache, return_logits):
+    tokens, starts = right_align(prompts, lengths, capacity - max_new_tokens)
+    if use_cache:
+        logits, state = model.prefill(params, config, tokens, starts, capacity)
+        step = model.decode_step
+    else:
+        logits, state = model.prefill_uncached(params, config, tokens, starts, capacity)
+        step = model.recompute_step
+    return decode_loop(
+        lambda p, c, t, pos: step(p, config, c, t, pos),
+        params, state, logits, lengths, sampler=sampler, key=key, max_new_tokens=max_new_tokens,
+        eos_id=eos_id, pad_id=pad_id, return_logits=return_logits,
+    )
+
+
+def _check_generate_args(config, prompts, prompt_lengths, max_new_tokens, capacity, sampler, key):
+    """Host-side validation; returns (lengths, capacity)."""
+    checks.check_int_array("prompts", prompts, 2)
+    B, P = np.shape(prompts)
+    if B == 0 or P == 0:
+        raise ValueError(f"prompts must be non-empty, got shape {(B, P)}")
+    if checks.is_concrete(prompts):
+        checks.check_token_ids("prompts", prompts, config.vocab_size)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if prompt_lengths is None:
+        prompt_lengths = np.full((B,), P, np.int32)
+    checks.check_lengths("prompt_lengths", prompt_lengths, B, 1, P)
+    capacity = P + max_new_tokens if capacity is None else capacity
+    if not isinstance(capacity, int):
+        raise ValueError(f"capacity must be an int, got {capacity!r}")
+    kv_cache.check_capacity(capacity, P + max_new_tokens)
+    if checks.is_concrete(prompt_lengths):
+        longest = int(np.max(prompt_lengths)) + max_new_tokens
+    else:
+        longest = P + max_new_tokens
+    if longest - 1 > config.max_len:
+        raise ValueError(
+            f"prompt length + max_new_tokens = {longest} needs positions up to {longest - 2}, "
+            f"beyond the model's max_len={config.max_len}"
+        )
+    if not isinstance(sampler, (Greedy, Temperature, TopK, TopP)):
+        raise ValueError(f"sampler must be a jaxdec sampler (Greedy, Temperature, TopK, TopP), got {sampler!r}")
+    if sampler.stochastic and key is None:
+        raise ValueError(f"{type(sampler).__name__} samples at random: pass key=jax.random.key(...)")
+    return prompt_lengths, capacity
+
+
+def _pad_to(prompts, width: int):
+    """Right-pads prompts [B, P] with zeros to [B, width] (on the host when concrete)."""
+    P = np.shape(prompts)[1]
+    if P == width:
+        return jnp.asarray(prompts, jnp.int32)
+    if checks.is_concrete(prompts):
+        return jnp.asarray(np.pad(np.asarray(prompts, np.int32), ((0, 0), (0, width - P))))
+    return jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, width - P)))
+
+
+def generate(
+    params,
+    config: DecoderConfig,
+    prompts,
+    prompt_lengths=None,
+    *,
+    max_new_tokens: int,
+    sampler: Sampler = Greedy(),
+    key: jax.Array | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    capacity: int | None = None,
+    return_logits: bool = False,
+) -> GenerateResult:
+    """Generates max_new_tokens tokens after each prompt.
+
+    Args:
+      prompts: int32 [B, P], right-padded when prompt_lengths is given.
+      prompt_lengths: int32 [B], 1 <= length <= P; None means all P tokens are real.
+      max_new_tokens: tokens to generate per example.
+      sampler: Greedy() (default), Temperature, TopK or TopP.
+      key: PRNG key, required by the stochastic samplers; same key -> same samples.
+      eos_id: an example stops after emitting it; later slots hold pad_id.
+      use_cache: False runs the uncached baseline (recompute the whole prefix every step).
+      capacity: KV-cache slots S >= P + max_new_tokens (default exactly that). Compilation is
+        keyed on (B, capacity, max_new_tokens, sampler): fix capacity to decode prompts of any
+        width up to capacity - max_new_tokens without recompiling.
+      return_logits: also return the float32 [B, max_new_tokens, V] logits of every step.
+
+    Returns:
+      GenerateResult(tokens int32 [B, max_new_tokens], lengths int32 [B], logits).
+    """
+    lengths, capacity = _check_generate_args(
+        config, prompts, prompt_lengths, max_new_tokens, capacity, sampler, key
+    )
+    if key is None:
+        key = jax.random.key(0)  # unused by Greedy; keeps one compiled program
+    return _generate_decoder(
+        params, config, _pad_to(prompts, capacity - max_new_tokens),
+        jnp.asarray(lengths, jnp.int32), key,
+        jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32),
+        sampler=sampler, max_new_tokens=max_new_tokens, capacity=capacity, use_cache=use_cache,
+        return_logits=return_logits,
+    )
