@@ -71,30 +71,40 @@ def safe_softmax(scores: jax.Array, mask: jax.Array | None) -> jax.Array:
     return unnormalised / jnp.where(denom > 0, denom, 1.0)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    heads_first: bool = False,
+) -> jax.Array:
     """Multi-head scaled dot-product attention with grouped K/V heads.
 
     Args:
       q: [B, T, N, H] queries (or unbatched [T, N, H]).
-      k: [B, S, K, H] keys; N % K == 0 (K == N: multi-head, K == 1: multi-query).
-      v: [B, S, K, H] values.
+      k: [B, S, K, H] keys; N % K == 0 (K == N: multi-head, K == 1: multi-query). With
+        heads_first, [B, K, S, H]: the KV cache's layout, whose (B, K) batch dims lead as the
+        dot wants, so no per-step transpose copy of the cache.
+      v: [B, S, K, H] values ([B, K, S, H] with heads_first).
       mask: bool broadcastable to [B, T, S] (or [T, S] unbatched), True where allowed; None: all.
 
     Returns:
       [B, T, N, H] in q's dtype. Rows with no allowed key are zeros.
     """
     if q.ndim == 3:
-        out = attend(q[None], k[None], v[None], None if mask is None else jnp.asarray(mask)[None])
-        return out[0]
+        mask = None if mask is None else jnp.asarray(mask)[None]
+        return attend(q[None], k[None], v[None], mask, heads_first=heads_first)[0]
     B, T, N, H = q.shape
-    K = k.shape[2]
+    K, S = (k.shape[1], k.shape[2]) if heads_first else (k.shape[2], k.shape[1])
+    kv = "BKSH" if heads_first else "BSKH"
     if N % K:
         raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
     G = N // K
     q = q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, q.dtype)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k)  # [B, K, G, T, S]
+    scores = jnp.einsum(f"BTKGH,{kv}->BKGTS", q, k)  # [B, K, G, T, S]
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (B, T, k.shape[1]))[:, None, None]  # [B, 1, 1, T, S]
+        mask = jnp.broadcast_to(mask, (B, T, S))[:, None, None]  # [B, 1, 1, T, S]
     probs = safe_softmax(scores, mask).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, H]
+    out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, v)  # [B, T, K, G, H]
     return out.reshape(B, T, N, H)

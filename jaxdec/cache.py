@@ -22,8 +22,9 @@ class KVCache:
     """Keys and values of every layer.
 
     Attributes:
-      k: [L, B, S, K, H] keys (zeros where never written).
-      v: [L, B, S, K, H] values.
+      k: [L, B, K, S, H] keys (zeros where never written). Heads before slots: attention reads
+        each layer's [B, K, S, H] block in place, with no transpose copy per step.
+      v: [L, B, K, S, H] values.
       starts: int32 [B], first valid slot of each example.
       end: int32 [], the next slot to write (shared by the batch).
     """
@@ -35,7 +36,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def lengths(self) -> jax.Array:
@@ -46,8 +47,8 @@ class KVCache:
 def init_cache(
     num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype=jnp.float32
 ) -> KVCache:
-    """An empty cache: zeros [L, B, S, K, H], starts = end = 0."""
-    shape = (num_layers, batch, capacity, kv_heads, head_dim)
+    """An empty cache: zeros [L, B, K, S, H], starts = end = 0."""
+    shape = (num_layers, batch, kv_heads, capacity, head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -70,9 +71,11 @@ def write(cache: KVCache, layer: int, k: jax.Array, v: jax.Array) -> KVCache:
 
     `end` is not advanced: every layer writes the same slots; call `advance` once per step.
     """
-    start = (layer, 0, cache.end, 0, 0)
-    new_k = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start)
-    new_v = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start)
+    start = (layer, 0, 0, cache.end, 0)
+    k = jnp.swapaxes(k, 1, 2)[None].astype(cache.k.dtype)  # [1, B, K, T, H]
+    v = jnp.swapaxes(v, 1, 2)[None].astype(cache.v.dtype)
+    new_k = jax.lax.dynamic_update_slice(cache.k, k, start)
+    new_v = jax.lax.dynamic_update_slice(cache.v, v, start)
     return cache.replace(k=new_k, v=new_v)
 
 

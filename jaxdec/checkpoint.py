@@ -99,11 +99,11 @@ def _to_storable(state: PyTree) -> PyTree:
 
 def _from_storable(template: PyTree, restored: PyTree) -> PyTree:
     """Re-wraps key data in `restored` wherever `template` holds a typed key."""
-    return jax.tree.map(
-        lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_typed_key(t) else r,
-        template,
-        restored,
-    )
+
+    def unwrap(t, r):
+        return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_typed_key(t) else r
+
+    return jax.tree.map(unwrap, template, restored)
 
 
 def _spec(x: Any) -> tuple[str, list[int]]:
@@ -149,7 +149,7 @@ def save(directory: str | os.PathLike, state: PyTree, step: int, *, keep: int = 
     step = _as_step(step)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
-    directory = pathlib.Path(directory)
+    directory = pathlib.Path(directory).absolute()  # orbax rejects relative paths
     directory.mkdir(parents=True, exist_ok=True)
 
     newer = [s for s in all_steps(directory) if s > step]
@@ -193,42 +193,54 @@ def _restore_step(path: pathlib.Path, template: PyTree) -> PyTree:
       ValueError: the checkpoint is intact but was saved from a differently shaped state.
     """
     storable_template = _to_storable(template)
-    wanted = _leaf_records(storable_template, with_digest=False)
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
         try:
-            # Orbax logs (not raises) on a missing/garbled metadata file and returns {}.
+            # Orbax logs (does not raise) on a missing/garbled metadata file and returns {}.
             saved = checkpointer.metadata(path).custom_metadata.get(_LEAVES_KEY)
-        except Exception as err:  # noqa: BLE001 - any failure to read means unusable
-            raise CorruptCheckpointError(f"unreadable metadata: {err!r}") from err
+        except Exception as err:  # any failure to read means unusable
+            raise CorruptCheckpointError(f"unreadable metadata: {_describe(err)}") from err
         if not isinstance(saved, list) or not all(isinstance(r, dict) for r in saved):
-            raise CorruptCheckpointError("step metadata (_CHECKPOINT_METADATA) is missing or unreadable")
+            raise CorruptCheckpointError("_CHECKPOINT_METADATA is missing or unreadable")
 
         # A structural mismatch is the caller's error, not corruption: raise, don't fall back.
         saved_specs = [{k: r.get(k) for k in ("path", "dtype", "shape")} for r in saved]
-        if saved_specs != wanted:
-            raise ValueError(f"template does not match the checkpoint at {path}: {_first_difference(saved_specs, wanted)}")
+        wanted_specs = _leaf_records(storable_template, with_digest=False)
+        if saved_specs != wanted_specs:
+            raise ValueError(
+                f"template does not match the checkpoint at {path}: "
+                + _first_difference(saved_specs, wanted_specs)
+            )
 
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, storable_template)
         try:
             restored = checkpointer.restore(path, args=ocp.args.StandardRestore(abstract))
-        except Exception as err:  # noqa: BLE001 - tensorstore raises ValueError/Exception/KeyError...
-            raise CorruptCheckpointError(f"cannot read arrays: {err!r}") from err
+        except Exception as err:  # tensorstore raises ValueError, KeyError, plain Exception...
+            raise CorruptCheckpointError(f"cannot read arrays: {_describe(err)}") from err
 
     for got, expected in zip(_leaf_records(restored, with_digest=True), saved):
         if got != expected:
-            raise CorruptCheckpointError(f"leaf {expected['path']} does not match its saved checksum")
+            raise CorruptCheckpointError(f"leaf {expected['path']} does not match its SHA-256")
     return _from_storable(template, restored)
+
+
+def _describe(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
 def _first_difference(saved: list[dict], wanted: list[dict]) -> str:
     """Human-readable first mismatch between saved and template leaf specs."""
     for s, w in zip(saved, wanted):
         if s != w:
-            return f"checkpoint has {s['path']} {s['dtype']}{s['shape']}, template has {w['path']} {w['dtype']}{w['shape']}"
+            return (
+                f"checkpoint has {s['path']} {s['dtype']}{s['shape']}, "
+                f"template has {w['path']} {w['dtype']}{w['shape']}"
+            )
     return f"checkpoint has {len(saved)} leaves, template has {len(wanted)}"
 
 
-def restore(directory: str | os.PathLike, template: PyTree, *, step: int | None = None) -> tuple[PyTree, int]:
+def restore(
+    directory: str | os.PathLike, template: PyTree, *, step: int | None = None
+) -> tuple[PyTree, int]:
     """Restores a checkpoint into the structure, dtypes and shardings of `template`.
 
     Args:
@@ -244,20 +256,24 @@ def restore(directory: str | os.PathLike, template: PyTree, *, step: int | None 
     naming the step and the error, then the next older one is tried, and so on.
 
     Raises:
-      FileNotFoundError: no checkpoint (or no usable one, or not the requested `step`).
-      CorruptCheckpointError: the explicitly requested `step` is corrupt.
+      FileNotFoundError: no checkpoint, no usable one, or no checkpoint for the given `step`.
+      CorruptCheckpointError: the explicitly requested `step` is corrupt (no fallback).
       ValueError: the checkpoint was saved from a state of a different structure/dtype/shape.
     """
-    directory = pathlib.Path(directory)
+    directory = pathlib.Path(directory).absolute()  # orbax rejects relative paths
     steps = all_steps(directory)
     if step is not None:
         step = _as_step(step)
         if step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {directory}; available steps: {steps}"
+            )
         try:
             return _restore_step(directory / str(step), template), step
         except CorruptCheckpointError as err:
-            raise CorruptCheckpointError(f"checkpoint step {step} in {directory} is unusable: {err}") from err
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {directory} is unusable: {err}"
+            ) from err
 
     if not steps:
         raise FileNotFoundError(f"no checkpoint found in {directory}")
@@ -265,5 +281,8 @@ def restore(directory: str | os.PathLike, template: PyTree, *, step: int | None 
         try:
             return _restore_step(directory / str(s), template), s
         except CorruptCheckpointError as err:
-            warnings.warn(f"checkpoint step {s} in {directory} is unusable, trying an older one: {err}", stacklevel=2)
-    raise FileNotFoundError(f"no usable checkpoint in {directory}: all of steps {steps} are corrupt")
+            warnings.warn(
+                f"checkpoint step {s} in {directory} is unusable, trying an older one: {err}",
+                stacklevel=2,
+            )
+    raise FileNotFoundError(f"no usable checkpoint in {directory}: steps {steps} are all corrupt")

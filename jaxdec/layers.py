@@ -25,23 +25,23 @@ def init_norm(d_model: int) -> dict:
     return {"scale": jnp.ones((d_model,), jnp.float32), "bias": jnp.zeros((d_model,), jnp.float32)}
 
 
-def init_attention(key: jax.Array, config: DecoderConfig, out_std: float) -> dict:
-    """Q/K/V/O projections: wq [D,N,H], wk/wv [D,K,H], wo [N,H,D] (+ biases if use_bias)."""
+def init_attention(key: jax.Array, config: DecoderConfig, out_std: float, cross: bool = False) -> dict:
+    """Attention projections as 2-D matrices (one matmul each, no per-step weight transposes).
+
+    Self-attention fuses Q, K and V into qkv [D, (N + 2K) * H] (GPT-2's c_attn layout): one
+    matmul per step instead of three. Cross-attention keeps q [D, N*H] and kv [D, 2K*H] apart,
+    since K/V come from the encoder. out [N*H, D]. Biases (if use_bias) have the output width.
+    """
     D, N, K, H = config.d_model, config.num_heads, config.kv_heads, config.head_dim
-    kq, kk, kv, ko = jax.random.split(key, 4)
-    p = {
-        "wq": _normal(kq, (D, N, H), config.init_std),
-        "wk": _normal(kk, (D, K, H), config.init_std),
-        "wv": _normal(kv, (D, K, H), config.init_std),
-        "wo": _normal(ko, (N, H, D), out_std),
-    }
+    k_in, k_kv, k_out = jax.random.split(key, 3)
+    if cross:
+        p = {"q": _normal(k_in, (D, N * H), config.init_std),
+             "kv": _normal(k_kv, (D, 2 * K * H), config.init_std)}
+    else:
+        p = {"qkv": _normal(k_in, (D, (N + 2 * K) * H), config.init_std)}
+    p["out"] = _normal(k_out, (N * H, D), out_std)
     if config.use_bias:
-        p |= {
-            "bq": jnp.zeros((N, H), jnp.float32),
-            "bk": jnp.zeros((K, H), jnp.float32),
-            "bv": jnp.zeros((K, H), jnp.float32),
-            "bo": jnp.zeros((D,), jnp.float32),
-        }
+        p |= {f"{name}_bias": jnp.zeros(w.shape[1:], jnp.float32) for name, w in p.items()}
     return p
 
 
@@ -117,12 +117,8 @@ def activation(name: str, x: jax.Array) -> jax.Array:
 
 def mlp(p: dict, x: jax.Array, act: str) -> jax.Array:
     """Position-wise MLP: x [B,T,D] -> [B,T,D] through F hidden units."""
-    h = jnp.einsum("BTD,DF->BTF", x, p["w_in"])
-    if "b_in" in p:
-        h = h + p["b_in"]
-    h = activation(act, h)
-    out = jnp.einsum("BTF,FD->BTD", h, p["w_out"])
-    return out + p["b_out"] if "b_out" in p else out
+    h = activation(act, dense(x, p["w_in"], p.get("b_in")))  # [B, T, F]
+    return dense(h, p["w_out"], p.get("b_out"))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -136,22 +132,36 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 # --- attention projections --------------------------------------------------------------------
 
 
-def project_q(p: dict, x: jax.Array) -> jax.Array:
-    """x [B,T,D] -> q [B,T,N,H]."""
-    q = jnp.einsum("BTD,DNH->BTNH", x, p["wq"])
-    return q + p["bq"] if "bq" in p else q
+def dense(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    """x [B,T,I] @ w [I,O] (+ b [O]) -> [B,T,O], computed in x's dtype."""
+    y = jnp.einsum("BTI,IO->BTO", x, w.astype(x.dtype))
+    return y if b is None else y + b.astype(x.dtype)
 
 
-def project_kv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [B,S,D] -> k, v [B,S,K,H]."""
-    k = jnp.einsum("BSD,DKH->BSKH", x, p["wk"])
-    v = jnp.einsum("BSD,DKH->BSKH", x, p["wv"])
-    if "bk" in p:
-        k, v = k + p["bk"], v + p["bv"]
-    return k, v
+def _heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """[B,T,n*H] -> [B,T,n,H]."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def project_qkv(p: dict, x: jax.Array, num_heads: int, kv_heads: int):
+    """Self-attention: x [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H] from one fused matmul."""
+    qkv = dense(x, p["qkv"], p.get("qkv_bias"))
+    H = qkv.shape[-1] // (num_heads + 2 * kv_heads)
+    q, k, v = jnp.split(qkv, [num_heads * H, (num_heads + kv_heads) * H], axis=-1)
+    return _heads(q, num_heads), _heads(k, kv_heads), _heads(v, kv_heads)
+
+
+def project_q(p: dict, x: jax.Array, num_heads: int) -> jax.Array:
+    """Cross-attention query: x [B,T,D] -> q [B,T,N,H]."""
+    return _heads(dense(x, p["q"], p.get("q_bias")), num_heads)
+
+
+def project_kv(p: dict, x: jax.Array, kv_heads: int) -> tuple[jax.Array, jax.Array]:
+    """Cross-attention keys/values: x [B,S,D] -> k, v [B,S,K,H]."""
+    k, v = jnp.split(dense(x, p["kv"], p.get("kv_bias")), 2, axis=-1)
+    return _heads(k, kv_heads), _heads(v, kv_heads)
 
 
 def project_out(p: dict, out: jax.Array) -> jax.Array:
     """Attention output [B,T,N,H] -> [B,T,D]."""
-    y = jnp.einsum("BTNH,NHD->BTD", out, p["wo"])
-    return y + p["bo"] if "bo" in p else y
+    return dense(out.reshape(*out.shape[:2], -1), p["out"], p.get("out_bias"))

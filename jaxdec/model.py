@@ -84,8 +84,7 @@ def sublayer_out(norm: dict, config, x: jax.Array, y: jax.Array) -> jax.Array:
 
 def self_qkv(p: dict, config, h: jax.Array, positions: jax.Array):
     """h [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H], with RoPE applied to q and k if configured."""
-    q = layers.project_q(p, h)
-    k, v = layers.project_kv(p, h)
+    q, k, v = layers.project_qkv(p, h, config.num_heads, config.kv_heads)
     if config.position == "rope":
         q = layers.rope(q, positions, config.rope_base)
         k = layers.rope(k, positions, config.rope_base)
@@ -222,7 +221,7 @@ def decode_step(params: dict, config: DecoderConfig, cache, tokens: jax.Array, p
         h = sublayer_in(p["attn_norm"], config, x)
         q, k, v = self_qkv(p["attn"], config, h, positions[:, None])
         cache = kv_cache.write(cache, i, k, v)
-        o = attend(q, cache.k[i], cache.v[i], mask)
+        o = attend(q, cache.k[i], cache.v[i], mask, heads_first=True)
         x = sublayer_out(p["attn_norm"], config, x, layers.project_out(p["attn"], o))
         x = mlp_sublayer(p, config, x)
     return output_logits(params, config, x)[:, 0], kv_cache.advance(cache, 1)

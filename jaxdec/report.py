@@ -1,0 +1,182 @@
+"""Training metrics as JSON lines, and a loss-curve PNG drawn from them.
+
+One JSON object per line, e.g. ``{"step": 100, "loss": 2.31, "lr": 0.001}`` for a train record
+and ``{"step": 100, "eval_loss": 2.45}`` for a held-out one; kinds may be mixed in one file.
+The file is opened in append mode so a resumed run continues it; call `truncate_after` with
+the restored step first so steps past the checkpoint (recorded by the crashed run, about to
+be recomputed) are not duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import operator
+import os
+import pathlib
+import warnings
+from typing import Any
+
+import numpy as np
+
+
+def _jsonable(name: str, value: Any) -> Any:
+    """`value` as a plain JSON value: NumPy/JAX scalars become Python int/float/bool."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    # JAX arrays (and NumPy 0-d arrays) are not numbers.Number; accept them when scalar.
+    if hasattr(value, "shape") and hasattr(value, "dtype") and value.shape == ():
+        value = np.asarray(value)
+        if value.dtype == np.bool_:
+            return bool(value)
+        if np.issubdtype(value.dtype, np.integer):
+            return int(value)
+        if np.issubdtype(value.dtype, np.floating):
+            return float(value)
+    shape = getattr(value, "shape", None)
+    raise ValueError(
+        f"metric {name!r} must be a scalar number, bool, str or None, "
+        f"got {type(value).__name__}" + (f" of shape {shape}" if shape is not None else "")
+    )
+
+
+class MetricsLog:
+    """Appends metric records to a JSONL file, one flushed line per `log` call.
+
+    Usable as a context manager; `close()` otherwise. The parent directory is created.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_last_line(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, **metrics: Any) -> dict:
+        """Writes ``{"step": step, **metrics}`` as one line and returns that record.
+
+        `step` is a non-negative int (NumPy/JAX integer scalars accepted); metric values are
+        scalars (converted to Python int/float/bool), str or None. NaN/inf are written as
+        NaN/Infinity, which Python's json (and `read`) accepts.
+        """
+        try:
+            step = operator.index(step)
+        except TypeError:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}") from None
+        if step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step}")
+        record = {"step": step, **{k: _jsonable(k, v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a crash loses at most the line being written
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _drop_partial_last_line(path: pathlib.Path) -> None:
+    """Cuts a final line with no newline (a write interrupted by a crash) off `path`.
+
+    Appending after it would glue the next record onto the fragment and corrupt both.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1  # 0 when the fragment is the only line
+    warnings.warn(f"{path}: dropping incomplete last line {data[keep:][:80]!r}", stacklevel=3)
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+def read(path: str | os.PathLike) -> list[dict]:
+    """All records of a JSONL metrics file, in file order.
+
+    An unparsable last line (a write cut short by a crash) is skipped with a warning; an
+    unparsable line elsewhere raises ValueError naming its line number.
+    """
+    path = pathlib.Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                warnings.warn(f"{path}: skipping incomplete last line {number}", stacklevel=2)
+                continue
+            raise ValueError(f"{path}, line {number}: not a JSON object: {err}") from err
+    return records
+
+
+def truncate_after(path: str | os.PathLike, step: int) -> int:
+    """Drops records with a step above `step` from `path`; returns how many were dropped.
+
+    Rewrites the file atomically (temporary file + rename). Call it before opening a
+    `MetricsLog` on `path`: an already open log would keep appending to the replaced file.
+    A missing file is left missing (a run resumed before it logged anything).
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return 0
+    records = read(path)
+    kept = [r for r in records if r["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(records) - len(kept)
+
+
+def plot_loss_curve(
+    jsonl_path: str | os.PathLike,
+    png_path: str | os.PathLike,
+    *,
+    title: str = "",
+    log_y: bool = False,
+) -> pathlib.Path:
+    """Plots train "loss" and held-out "eval_loss" against step from a metrics file to a PNG.
+
+    A record with a "loss" key is a train point, one with "eval_loss" an eval point (a record
+    may be both). Raises ValueError when the file has neither. Returns the PNG path.
+    """
+    # Figure + its own Agg canvas, not pyplot: no display needed and no global backend state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read(jsonl_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    held_out = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    if not train and not held_out:
+        raise ValueError(f"{jsonl_path} has no records with 'loss' or 'eval_loss' to plot")
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", label="eval loss", markersize=3)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    png_path = pathlib.Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    return png_path
