@@ -141,10 +141,11 @@ def save(directory: str | os.PathLike, state: PyTree, step: int, *, keep: int = 
     Returns:
       The path of the written step directory.
 
-    Synchronous: when this returns the checkpoint is complete on disk, so a crash right after
-    cannot leave it half-written. Checkpoints with a step above `step` (left by a run that was
-    then resumed from an earlier step) are deleted first, with a warning: otherwise "latest"
-    would point back into the abandoned run.
+    Synchronous: when this returns, the checkpoint is complete and renamed into place, so a
+    process crash right after cannot leave it half-written (no fsync is done: damage from an
+    OS crash or power loss is caught by `restore`'s checks). After the save, checkpoints with
+    a step above `step` (left by a run that was then resumed from an earlier step) are deleted
+    with a warning: otherwise "latest" would point back into the abandoned run.
     """
     step = _as_step(step)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -152,15 +153,6 @@ def save(directory: str | os.PathLike, state: PyTree, step: int, *, keep: int = 
     directory = pathlib.Path(directory).absolute()  # orbax rejects relative paths
     directory.mkdir(parents=True, exist_ok=True)
 
-    newer = [s for s in all_steps(directory) if s > step]
-    if newer:
-        warnings.warn(
-            f"saving step {step} in {directory}: deleting newer checkpoints {newer} "
-            "from the run this one was resumed past",
-            stacklevel=2,
-        )
-        for s in newer:
-            shutil.rmtree(directory / str(s))
     # Leftovers of saves that crashed mid-write; never restorable.
     for tmp in directory.glob(f"*{_TMP_SUFFIX}*"):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,6 +169,15 @@ def save(directory: str | os.PathLike, state: PyTree, step: int, *, keep: int = 
             force=True,
         )
 
+    newer = [s for s in all_steps(directory) if s > step]
+    if newer:
+        warnings.warn(
+            f"saved step {step} in {directory}: deleting newer checkpoints {newer} "
+            "left by the run that was resumed from an earlier step",
+            stacklevel=2,
+        )
+        for s in newer:
+            shutil.rmtree(directory / str(s))
     for s in all_steps(directory)[:-keep]:
         shutil.rmtree(directory / str(s))
     return path

@@ -76,7 +76,7 @@ def sinusoidal(positions: jax.Array, d_model: int, dtype=jnp.float32) -> jax.Arr
     """
     half = d_model // 2
     freqs = jnp.exp(-math.log(10000.0) * 2.0 * jnp.arange(half, dtype=jnp.float32) / d_model)
-    angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, D/2]
+    angles = positions.astype(jnp.float32)[..., None] * freqs[None, None, :]  # [B, T, D/2]
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).astype(dtype)
 
 
@@ -88,7 +88,7 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     """
     H = x.shape[-1]
     freqs = base ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)  # [H/2]
-    angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [B, T, 1, H/2]
+    angles = positions.astype(jnp.float32)[..., None, None] * freqs[None, None, None, :]  # [B, T, 1, H/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -104,7 +104,9 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    return (y * p["scale"] + p["bias"]).astype(x.dtype)
+    scale = jnp.reshape(p["scale"], (1,) * (x.ndim - 1) + (-1,))
+    bias = jnp.reshape(p["bias"], (1,) * (x.ndim - 1) + (-1,))
+    return (y * scale + bias).astype(x.dtype)
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:
@@ -135,7 +137,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
     """x [B,T,I] @ w [I,O] (+ b [O]) -> [B,T,O], computed in x's dtype."""
     y = jnp.einsum("BTI,IO->BTO", x, w.astype(x.dtype))
-    return y if b is None else y + b.astype(x.dtype)
+    return y if b is None else y + b.astype(x.dtype)[None, None, :]
 
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:

@@ -105,7 +105,7 @@ def output_logits(params: dict, config, x: jax.Array) -> jax.Array:
     else:
         logits = jnp.einsum("BTD,DV->BTV", x, params["head"].astype(x.dtype))
     if "logits_bias" in params:
-        logits = logits + params["logits_bias"]
+        logits = logits + params["logits_bias"][None, None, :]
     return logits.astype(jnp.float32)
 
 

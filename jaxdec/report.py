@@ -133,6 +133,8 @@ def truncate_after(path: str | os.PathLike, step: int) -> int:
     if not path.exists():
         return 0
     records = read(path)
+    if any(not isinstance(r.get("step"), int) for r in records):
+        raise ValueError(f"{path}: every record needs an integer 'step' to truncate by")
     kept = [r for r in records if r["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
@@ -157,8 +159,11 @@ def plot_loss_curve(
     from matplotlib.figure import Figure
 
     records = read(jsonl_path)
-    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-    held_out = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    # Sorted by step so a log resumed without truncate_after still draws left to right.
+    train = sorted((r["step"], r["loss"]) for r in records if r.get("loss") is not None)
+    held_out = sorted(
+        (r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None
+    )
     if not train and not held_out:
         raise ValueError(f"{jsonl_path} has no records with 'loss' or 'eval_loss' to plot")
 
