@@ -1,10 +1,11 @@
 """jaxdec: small, fast, correct JAX Transformer decoders."""
 
+from jaxdec.api import forward, forward_checked, init_params
 from jaxdec.cache import KVCache
-from jaxdec.config import DecoderConfig
+from jaxdec.config import DecoderConfig, TrainConfig
 from jaxdec.decode import DecodeState, GenerateResult, generate
-from jaxdec.model import forward, forward_checked, init_params
 from jaxdec.sampling import Greedy, Temperature, TopK, TopP
+from jaxdec.training import TrainState, create_train_state, eval_step, train_step
 
 __all__ = [
     "DecodeState",
@@ -15,8 +16,13 @@ __all__ = [
     "Temperature",
     "TopK",
     "TopP",
+    "TrainConfig",
+    "TrainState",
+    "create_train_state",
+    "eval_step",
     "forward",
     "forward_checked",
     "generate",
     "init_params",
+    "train_step",
 ]

@@ -68,6 +68,57 @@ def bench_decode(batches=(1, 8), prompt_len=8, new_tokens=256, repeats=5, uncach
     return rows
 
 
+def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
+    """fp32 FLOP/s of one jitted n x n x n matmul (median), the reference for efficiency."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, b))
+    median, _ = _median_seconds(lambda: mm(a, b), repeats)
+    return 2 * n**3 / median
+
+
+def train_flops_per_step(config: jaxdec.DecoderConfig, batch: int, seq: int) -> float:
+    """Model FLOPs of one train step (forward + backward = 3x forward): the matmuls of every
+    layer and the head, plus the full (unmasked) attention score and value products."""
+    D, F, L, V = config.d_model, config.ff_dim, config.num_layers, config.vocab_size
+    qkv = D * (config.num_heads + 2 * config.kv_heads) * config.head_dim
+    per_token = 2 * L * (qkv + D * D + 2 * D * F) + 2 * D * V
+    attention = 2 * 2 * L * seq * D  # q.k and p.v per token, over seq keys
+    return 3 * batch * seq * (per_token + attention)
+
+
+def bench_train(batch: int = 16, seq: int = 256, steps: int = 10, dtype: str = "float32") -> dict:
+    config = BENCH_CONFIG
+    tc = jaxdec.TrainConfig(dtype=dtype)
+    state = jaxdec.create_train_state(config, tc, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
+    data = {"tokens": tokens}
+    t0 = time.perf_counter()
+    state, metrics = jaxdec.train_step(state, data)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = jaxdec.train_step(state, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    peak = measure_matmul_peak()
+    flops = train_flops_per_step(config, batch, seq) / median
+    row = {
+        "bench": "train", "batch": batch, "seq": seq, "dtype": dtype,
+        "tokens_per_s": round(batch * seq / median, 1),
+        "step_s_median": round(median, 4), "step_s_range": [round(min(times), 4), round(max(times), 4)],
+        "model_gflop_per_s": round(flops / 1e9, 1), "matmul_peak_gflop_per_s": round(peak / 1e9, 1),
+        "fraction_of_peak": round(flops / peak, 3), "compile_s": round(compile_s, 2),
+        "xla_flags": _threads(),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -76,8 +127,15 @@ def main(argv=None) -> None:
     dec.add_argument("--repeats", type=int, default=5)
     dec.add_argument("--new-tokens", type=int, default=256)
     dec.add_argument("--no-uncached", action="store_true")
+    tr = sub.add_parser("train", help="train-step tokens/s and fraction of matmul peak")
+    tr.add_argument("--batch", type=int, default=16)
+    tr.add_argument("--seq", type=int, default=256)
+    tr.add_argument("--steps", type=int, default=10)
+    tr.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
-    if args.what == "decode":
+    if args.what == "train":
+        bench_train(args.batch, args.seq, args.steps, args.dtype)
+    elif args.what == "decode":
         bench_decode(tuple(args.batches), new_tokens=args.new_tokens, repeats=args.repeats,
                      uncached=not args.no_uncached)
 

@@ -104,3 +104,57 @@ class DecoderConfig:
     @property
     def ff_dim(self) -> int:
         return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; static under `jit` (frozen, hashable).
+
+    Attributes:
+      learning_rate: peak learning rate of the warmup + cosine schedule.
+      warmup_steps: linear warmup from 0 over this many optimizer updates.
+      decay_steps: total updates of the schedule (warmup included); the rate then stays at
+        learning_rate * end_lr_fraction.
+      end_lr_fraction: final rate as a fraction of the peak.
+      b1, b2, eps: AdamW moments.
+      weight_decay: decoupled weight decay, applied to matrices only (not norms or biases).
+      clip_norm: global gradient-norm clipping threshold (None: no clipping).
+      grad_accum_steps: micro-batches averaged per optimizer update (optax.MultiSteps).
+      dropout: dropout rate on embeddings and residual branches during training.
+      dtype: compute dtype, "float32" or "bfloat16"; parameters and optimizer state stay float32.
+      seed: seeds parameter init, data order and dropout.
+      max_consecutive_nonfinite: skipped non-finite updates tolerated in a row before the update
+        is applied anyway (optax.apply_if_finite's bound).
+    """
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    decay_steps: int = 1000
+    end_lr_fraction: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+    dropout: float = 0.0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    max_consecutive_nonfinite: int = 100
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"decay_steps must exceed warmup_steps, got decay_steps={self.decay_steps}, "
+                f"warmup_steps={self.warmup_steps}"
+            )
+        _check_positive("grad_accum_steps", self.grad_accum_steps)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")

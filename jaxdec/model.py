@@ -13,12 +13,11 @@ import functools
 import math
 
 import flax.struct
-from jax.experimental import checkify
 import jax
 import jax.numpy as jnp
 
 from jaxdec import cache as kv_cache
-from jaxdec import checks, layers
+from jaxdec import layers
 from jaxdec.attention import attend, causal_mask, decoder_self_mask
 from jaxdec.config import DecoderConfig
 
@@ -133,43 +132,14 @@ def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=N
 # --- forward (teacher forcing) ----------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dropout_rate"))
-def _forward(params, config, tokens, lengths, dropout_rate=0.0, rng=None):
+def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None):
+    """Traceable forward pass without host checks: tokens [B,T], lengths [B] -> logits [B,T,V]."""
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     x = embed_inputs(params, config, tokens, positions)
     x = _dropper(dropout_rate, rng)(x, 0)
     x, _ = run_layers(params, config, x, positions, decoder_self_mask(lengths, T), dropout_rate, rng)
     return output_logits(params, config, x)
-
-
-def decoder_forward(
-    params: dict,
-    config: DecoderConfig,
-    tokens: jax.Array,
-    lengths: jax.Array | None = None,
-    *,
-    dropout_rate: float = 0.0,
-    rng: jax.Array | None = None,
-) -> jax.Array:
-    """Teacher-forcing forward pass: every position predicted in parallel.
-
-    Args:
-      tokens: int32 [B, T], right-padded when lengths is given.
-      lengths: int32 [B] real tokens per row (0 <= length <= T); None means all T are real.
-        Keys at padding positions are never attended.
-      dropout_rate, rng: dropout on embeddings and residual branches (training only).
-
-    Returns:
-      float32 [B, T, V] logits; logits[:, t] predicts token t + 1.
-    """
-    checks.check_sequence("tokens", tokens, config.vocab_size, config.max_len)
-    B, T = tokens.shape
-    if lengths is None:
-        lengths = jnp.full((B,), T, jnp.int32)
-    checks.check_lengths("lengths", lengths, B, 0, T)
-    return _forward(params, config, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
-                    dropout_rate, rng)
 
 
 # --- cached decoding --------------------------------------------------------------------------
@@ -270,29 +240,3 @@ def recompute_step(params, config, buf: TokenBuffer, tokens: jax.Array, position
     buf = buf.replace(tokens=new)
     return _full_logits_at(params, config, buf, buf.end), buf.replace(end=buf.end + 1)
 
-
-# --- public entry points ----------------------------------------------------------------------
-
-
-def init_params(config: DecoderConfig, key: jax.Array) -> dict:
-    """Random float32 parameters for `config` (see `init_decoder_params` for the layout)."""
-    return init_decoder_params(config, key)
-
-
-forward = decoder_forward
-
-
-def _checked_forward_impl(params, config, tokens, lengths):
-    checks.device_checks(tokens, lengths, config.vocab_size)
-    return _forward(params, config, tokens, lengths)
-
-
-def forward_checked(params, config: DecoderConfig, tokens: jax.Array, lengths: jax.Array | None = None):
-    """`forward` with its value checks compiled in (checkify), for use under an outer `jit`.
-
-    Returns (error, logits); `error.throw()` raises if a token id or length was out of range.
-    """
-    if lengths is None:
-        lengths = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
-    checked = checkify.checkify(_checked_forward_impl, errors=checkify.user_checks)
-    return checked(params, config, tokens, lengths)

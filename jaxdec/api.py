@@ -1,0 +1,83 @@
+"""Public entry points shared by the model families, dispatching on the config's type.
+
+`init_params`, `forward` (host-checked) and `apply` (traceable, unchecked) accept a
+DecoderConfig (decoder-only LM) or a Seq2SeqConfig (encoder-decoder).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+from jaxdec import checks, model
+from jaxdec.config import DecoderConfig
+
+
+def init_params(config: DecoderConfig, key: jax.Array) -> dict:
+    """Random float32 parameters for `config` (layout: `model.init_decoder_params`)."""
+    return model.init_decoder_params(config, key)
+
+
+def apply(params, config, tokens, lengths, *, source=None, source_lengths=None,
+          dropout_rate: float = 0.0, rng=None) -> jax.Array:
+    """Traceable teacher-forcing forward pass with no host checks: logits float32 [B, T, V]."""
+    del source, source_lengths  # the encoder-decoder's inputs
+    return model.decoder_logits(params, config, tokens, lengths, dropout_rate, rng)
+
+
+_apply_jit = jax.jit(apply, static_argnames=("config", "dropout_rate"))
+
+
+def _check_forward_args(config, tokens, lengths):
+    checks.check_sequence("tokens", tokens, config.vocab_size, config.max_len)
+    B, T = tokens.shape
+    if lengths is None:
+        return jnp.full((B,), T, jnp.int32)
+    checks.check_lengths("lengths", lengths, B, 0, T)
+    return jnp.asarray(lengths, jnp.int32)
+
+
+def forward(params, config: DecoderConfig, tokens, lengths=None, *, dropout_rate: float = 0.0,
+            rng=None) -> jax.Array:
+    """Teacher-forcing forward pass: every position predicted in parallel.
+
+    Args:
+      tokens: int32 [B, T], right-padded when lengths is given.
+      lengths: int32 [B] real tokens per row (0 <= length <= T); None means all T are real.
+        Keys at padding positions are never attended; an all-padding row gives finite logits.
+      dropout_rate, rng: dropout on embeddings and residual branches (training only).
+
+    Returns:
+      float32 [B, T, V] logits; logits[:, t] predicts token t + 1.
+
+    Raises:
+      ValueError (before any compute) for a wrong rank or dtype, an empty batch, T > max_len,
+      ids outside [0, vocab_size) or lengths outside [0, T]. Under an outer jit the value checks
+      cannot run: use `forward_checked`.
+    """
+    lengths = _check_forward_args(config, tokens, lengths)
+    return _apply_jit(params, config, jnp.asarray(tokens, jnp.int32), lengths,
+                      dropout_rate=dropout_rate, rng=rng)
+
+
+def _checked_apply(params, config, tokens, lengths):
+    checks.device_checks(tokens, lengths, config.vocab_size)
+    return apply(params, config, tokens, lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _forward_checked(params, config, tokens, lengths):
+    return checkify.checkify(_checked_apply, errors=checkify.user_checks)(params, config, tokens, lengths)
+
+
+def forward_checked(params, config: DecoderConfig, tokens, lengths=None):
+    """`forward` with its value checks compiled in (checkify), usable under an outer `jit`.
+
+    Returns (error, logits); `error.throw()` raises if a token id or length is out of range.
+    """
+    if lengths is None:
+        lengths = jnp.full(jnp.shape(tokens)[:1], jnp.shape(tokens)[1], jnp.int32)
+    return _forward_checked(params, config, tokens, lengths)

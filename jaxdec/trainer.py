@@ -1,0 +1,257 @@
+"""The training run behind `train.py`: data -> train loop with eval, metrics, checkpoints -> samples.
+
+`RunConfig` is the whole run as one frozen dataclass; `train.py` builds its CLI from it (tyro), so
+every flag is a field here or in DecoderConfig / TrainConfig, with no hand-kept list of flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxdec import checkpoint, report
+from jaxdec.config import DecoderConfig, TrainConfig
+from jaxdec.data import ByteTokenizer, Corpus, eval_batches, load_stdlib_corpus, load_text_corpus, sample_batch
+from jaxdec.decode import generate
+from jaxdec.sampling import TopK
+from jaxdec.training import TrainState, create_train_state, eval_step, train_step
+
+TOKENIZER = ByteTokenizer()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run.
+
+    Attributes:
+      model: the decoder-only LM (vocab_size must cover the byte tokenizer's 259 ids).
+      train: optimisation settings.
+      data: a text file or folder to train on; None trains on the Python standard library's source.
+      name: the run's folder under `runs_dir`.
+      runs_dir: where runs are written (metrics.jsonl, loss.png, checkpoints/).
+      steps: train steps (micro-batches).
+      batch_size: sequences per step.
+      seq_len: tokens per sequence (targets); at most model.max_len.
+      eval_every: held-out evaluation period in steps (and at the end).
+      eval_batches: held-out batches per periodic evaluation (the final one uses 4x as many).
+      log_every: train-metric logging period in steps.
+      checkpoint_every: checkpoint period in steps (and at the end); 0 disables checkpoints.
+      keep_checkpoints: newest checkpoints kept.
+      resume: continue from the latest usable checkpoint of this run.
+      num_samples: held-out prompts to continue with the KV cache at the end.
+      sample_tokens: tokens generated per sample.
+      held_out_fraction: share of files (or bytes, for a single file) held out.
+    """
+
+    model: DecoderConfig
+    train: TrainConfig
+    data: str | None = None
+    name: str = "stdlib"
+    runs_dir: str = "runs"
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 256
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    resume: bool = False
+    num_samples: int = 3
+    sample_tokens: int = 160
+    held_out_fraction: float = 0.05
+
+
+def _model(d_model: int, layers: int, heads: int, max_len: int) -> DecoderConfig:
+    return DecoderConfig(vocab_size=TOKENIZER.vocab_size, num_layers=layers, d_model=d_model,
+                         num_heads=heads, max_len=max_len)
+
+
+PRESETS: dict[str, RunConfig] = {
+    "tiny": RunConfig(
+        model=_model(128, 2, 4, 128),
+        train=TrainConfig(learning_rate=3e-3, warmup_steps=20, decay_steps=150),
+        steps=150, batch_size=16, seq_len=128, eval_every=50, eval_batches=4, checkpoint_every=50,
+        sample_tokens=80,
+    ),
+    "small": RunConfig(
+        model=_model(256, 4, 4, 256),
+        train=TrainConfig(learning_rate=2e-3, warmup_steps=50, decay_steps=600),
+        steps=600,
+    ),
+    "base": RunConfig(
+        model=_model(384, 6, 6, 512),
+        train=TrainConfig(learning_rate=1e-3, warmup_steps=200, decay_steps=5000, dropout=0.1),
+        steps=5000, batch_size=32, seq_len=256, eval_every=500, eval_batches=16,
+        checkpoint_every=500,
+    ),
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuses a run that cannot work, before loading data or compiling anything."""
+    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if cfg.seq_len > cfg.model.max_len:
+        raise ValueError(f"seq_len {cfg.seq_len} is beyond the model's max_len={cfg.model.max_len}")
+    if cfg.model.vocab_size < TOKENIZER.vocab_size:
+        raise ValueError(
+            f"model.vocab_size {cfg.model.vocab_size} is smaller than the byte tokenizer's "
+            f"{TOKENIZER.vocab_size} ids"
+        )
+    if cfg.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
+
+
+def load_corpus(cfg: RunConfig) -> Corpus:
+    """The user's --data, or the standard library's source; refuses data too small for a batch."""
+    if cfg.data is None:
+        corpus = load_stdlib_corpus(held_out_fraction=cfg.held_out_fraction)
+    else:
+        corpus = load_text_corpus(cfg.data, held_out_fraction=cfg.held_out_fraction)
+    needed = cfg.batch_size * (cfg.seq_len + 1)
+    if len(corpus.train) < needed:
+        raise ValueError(
+            f"batch too large for the data: batch_size * (seq_len + 1) = {needed} tokens, but the "
+            f"training split of {corpus.name} holds {len(corpus.train)}"
+        )
+    if len(corpus.held_out) < cfg.seq_len + 1:
+        raise ValueError(
+            f"the held-out split of {corpus.name} holds {len(corpus.held_out)} tokens, fewer than "
+            f"one sequence of seq_len + 1 = {cfg.seq_len + 1}; lower --seq-len"
+        )
+    return corpus
+
+
+def evaluate(state: TrainState, batches: list[dict]) -> dict:
+    """Token-weighted held-out loss, bits per token and accuracy over `batches`."""
+    sums = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+    for batch in batches:
+        m = eval_step(state, batch)
+        for k in sums:
+            sums[k] += float(m[k])
+    loss = sums["loss_sum"] / max(sums["tokens"], 1.0)
+    return {"eval_loss": loss, "eval_bits_per_byte": loss / math.log(2.0),
+            "eval_accuracy": sums["correct"] / max(sums["tokens"], 1.0), "eval_tokens": sums["tokens"]}
+
+
+def held_out_prompts(corpus: Corpus, num: int, length: int) -> list[np.ndarray]:
+    """The openings of held-out documents (each after its BOS), `length` tokens each."""
+    stream = corpus.held_out
+    starts = np.flatnonzero(stream == TOKENIZER.bos_id)
+    if len(starts) == 0:
+        starts = np.array([0])
+    prompts = [stream[s : s + length].astype(np.int32) for s in starts[:num]]
+    return [p for p in prompts if len(p) > 0]
+
+
+def sample_texts(state: TrainState, prompts: list[np.ndarray], new_tokens: int, key: jax.Array) -> list[str]:
+    """Continues each prompt with the KV cache (top-k 10 sampling), decoded to text."""
+    width = max(len(p) for p in prompts)
+    batch = np.full((len(prompts), width), TOKENIZER.pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        batch[i, : len(p)] = p
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    result = generate(state.params, state.model_config, batch, lengths, max_new_tokens=new_tokens,
+                      sampler=TopK(10, temperature=0.8), key=key, eos_id=TOKENIZER.eos_id,
+                      pad_id=TOKENIZER.pad_id)
+    return [TOKENIZER.decode(p) + " ⟶ " + TOKENIZER.decode(np.asarray(t)) for p, t in zip(prompts, result.tokens)]
+
+
+def decode_speed(state: TrainState, prompt: np.ndarray, new_tokens: int, repeats: int = 3) -> dict:
+    """Greedy tokens/s at batch 1, with and without the KV cache (median of `repeats`)."""
+    speeds = {}
+    for use_cache in (True, False):
+        run = lambda: generate(state.params, state.model_config, prompt[None], max_new_tokens=new_tokens,  # noqa: E731
+                               use_cache=use_cache).tokens
+        jax.block_until_ready(run())
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            times.append(time.perf_counter() - t0)
+        speeds["cached" if use_cache else "uncached"] = new_tokens / float(np.median(times))
+    speeds["speedup"] = speeds["cached"] / speeds["uncached"]
+    return speeds
+
+
+def run(cfg: RunConfig) -> dict:
+    """Trains, evaluates, checkpoints and samples; returns the final held-out metrics."""
+    validate(cfg)
+    corpus = load_corpus(cfg)
+    out = pathlib.Path(cfg.runs_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    ckpt_dir = out / "checkpoints"
+    metrics_path = out / "metrics.jsonl"
+    print(f"data: {corpus.name}: {len(corpus.train):,} train / {len(corpus.held_out):,} held-out tokens "
+          f"({len(corpus.train_files)} / {len(corpus.held_out_files)} files)")
+
+    state = create_train_state(cfg.model, cfg.train, jax.random.key(cfg.train.seed))
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    print(f"model: {n_params:,} parameters; run folder {out}")
+    start = 0
+    if cfg.resume and checkpoint.latest_step(ckpt_dir) is not None:
+        state, start = checkpoint.restore(ckpt_dir, state)
+        report.truncate_after(metrics_path, start)
+        print(f"resumed from step {start}")
+    elif not cfg.resume and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh curve
+
+    eval_data = eval_batches(corpus.held_out, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                             max_batches=cfg.eval_batches)
+    log = report.MetricsLog(metrics_path)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", dynamic_ncols=True)
+    window_start, window_steps = time.perf_counter(), 0
+    for step in bar:
+        batch = sample_batch(corpus.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                             seed=cfg.train.seed, step=step)
+        state, metrics = train_step(state, batch)
+        window_steps += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+            tok_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+            window_start, window_steps = time.perf_counter(), 0
+            log.log(done, **metrics, tokens_per_s=tok_s)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+        if done % cfg.eval_every == 0 and done != cfg.steps:
+            ev = evaluate(state, eval_data)
+            log.log(done, **ev)
+            bar.write(f"step {done}: held-out loss {ev['eval_loss']:.3f}, {ev['eval_bits_per_byte']:.3f} bits/byte")
+        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            checkpoint.save(ckpt_dir, state, done, keep=cfg.keep_checkpoints)
+    bar.close()
+
+    final_data = eval_batches(corpus.held_out, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                              max_batches=4 * cfg.eval_batches)
+    final = evaluate(state, final_data)
+    log.log(cfg.steps, **final)
+    log.close()
+    report.plot_loss_curve(metrics_path, out / "loss.png", title=f"jaxdec {cfg.name}")
+
+    prompts = held_out_prompts(corpus, cfg.num_samples, min(48, cfg.model.max_len // 2))
+    if prompts:
+        new = min(cfg.sample_tokens, cfg.model.max_len - max(len(p) for p in prompts) + 1)
+        print("\nsamples (KV cache, top-k 10, temperature 0.8), held-out prompt ⟶ continuation:")
+        for text in sample_texts(state, prompts, new, jax.random.fold_in(state.key, cfg.steps)):
+            print("-" * 80 + "\n" + text)
+        speed = decode_speed(state, prompts[0], new)
+        print("-" * 80)
+        print(f"decode speed, batch 1, {new} new tokens: cached {speed['cached']:,.0f} tok/s, "
+              f"uncached {speed['uncached']:,.0f} tok/s ({speed['speedup']:.1f}x)")
+    print(f"metrics: {metrics_path}; loss curve: {out / 'loss.png'}")
+    print(f"held-out bits/byte: {final['eval_bits_per_byte']:.4f}")
+    return final
