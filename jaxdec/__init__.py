@@ -2,7 +2,7 @@
 
 from jaxdec.api import forward, forward_checked, init_params
 from jaxdec.cache import KVCache
-from jaxdec.config import DecoderConfig, TrainConfig
+from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.decode import DecodeState, GenerateResult, generate
 from jaxdec.sampling import Greedy, Temperature, TopK, TopP
 from jaxdec.training import TrainState, create_train_state, eval_step, train_step
@@ -13,6 +13,7 @@ __all__ = [
     "GenerateResult",
     "Greedy",
     "KVCache",
+    "Seq2SeqConfig",
     "Temperature",
     "TopK",
     "TopP",

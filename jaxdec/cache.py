@@ -91,3 +91,28 @@ def query_mask(cache: KVCache, query_len: int) -> jax.Array:
     slots = jnp.arange(cache.capacity)[None, None, :]  # [1, 1, S]
     ends = cache.end + jnp.arange(1, query_len + 1)[None, :, None]  # [1, T, 1], exclusive
     return (slots >= cache.starts[:, None, None]) & (slots < ends)
+
+
+@flax.struct.dataclass
+class CrossKV:
+    """Cross-attention keys and values, projected once from the encoder output and reused by
+    every decode step.
+
+    Attributes:
+      k: [L, B, K, S, H] keys of each decoder layer (heads first, like KVCache).
+      v: [L, B, K, S, H] values.
+      lengths: int32 [B], real source tokens; keys at index >= length are source padding.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    def mask(self) -> jax.Array:
+        """bool [B, S]: True at real source positions."""
+        return jnp.arange(self.k.shape[3])[None, :] < self.lengths[:, None]
+
+    def repeat(self, n: int) -> "CrossKV":
+        """Each example repeated n times along the batch (for beam search): B -> B * n."""
+        return CrossKV(k=jnp.repeat(self.k, n, axis=1), v=jnp.repeat(self.v, n, axis=1),
+                       lengths=jnp.repeat(self.lengths, n, axis=0))

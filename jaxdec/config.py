@@ -7,11 +7,11 @@ from typing import Literal
 
 Position = Literal["learned", "sinusoidal", "rope"]
 NormPosition = Literal["pre", "post"]
-Activation = Literal["gelu", "gelu_tanh", "relu"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 
 _POSITIONS = ("learned", "sinusoidal", "rope")
 _NORM_POSITIONS = ("pre", "post")
-_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -24,8 +24,52 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _validate_common(cfg, layer_fields: tuple[str, ...]) -> None:
+    """Checks shared by the model configs; raises ValueError naming the bad field."""
+    for name in ("vocab_size", *layer_fields, "d_model", "num_heads", "max_len"):
+        _check_positive(name, getattr(cfg, name))
+    if cfg.num_kv_heads is not None:
+        _check_positive("num_kv_heads", cfg.num_kv_heads)
+    if cfg.d_ff is not None:
+        _check_positive("d_ff", cfg.d_ff)
+    if cfg.d_model % cfg.num_heads:
+        raise ValueError(
+            f"d_model % num_heads must be 0, got d_model={cfg.d_model}, num_heads={cfg.num_heads}"
+        )
+    if cfg.num_heads % cfg.kv_heads:
+        raise ValueError(
+            f"num_heads % num_kv_heads must be 0, got num_heads={cfg.num_heads}, "
+            f"num_kv_heads={cfg.num_kv_heads}"
+        )
+    _check_choice("position", cfg.position, _POSITIONS)
+    _check_choice("norm_position", cfg.norm_position, _NORM_POSITIONS)
+    _check_choice("activation", cfg.activation, _ACTIVATIONS)
+    if cfg.position == "rope" and cfg.head_dim % 2:
+        raise ValueError(f"rope needs an even head dim, got {cfg.head_dim}")
+    if cfg.position == "sinusoidal" and cfg.d_model % 2:
+        raise ValueError(f"sinusoidal positions need an even d_model, got {cfg.d_model}")
+    if not cfg.layer_norm_eps > 0:
+        raise ValueError(f"layer_norm_eps must be > 0, got {cfg.layer_norm_eps}")
+
+
+class _HeadsMixin:
+    """Derived sizes shared by the model configs."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(_HeadsMixin):
     """A decoder-only Transformer LM.
 
     The defaults are GPT-2's choices (pre-LN, learned positions, tanh-GELU, biases, tied head,
@@ -42,7 +86,7 @@ class DecoderConfig:
       position: "learned" (GPT-2), "sinusoidal" (original Transformer) or "rope".
       norm_position: "pre" (LayerNorm before each sublayer, plus a final norm) or "post" (after
         each residual add, as in the original Transformer; no final norm).
-      activation: "gelu" (exact erf), "gelu_tanh" (GPT-2's approximation) or "relu".
+      activation: "gelu" (exact erf), "gelu_tanh" (GPT-2's approximation), "relu" or "silu".
       use_bias: biases in attention projections and the MLP.
       tie_embeddings: output head is the transposed token embedding.
       layer_norm_eps: epsilon inside LayerNorm.
@@ -69,41 +113,55 @@ class DecoderConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_len"):
-            _check_positive(name, getattr(self, name))
-        if self.num_kv_heads is not None:
-            _check_positive("num_kv_heads", self.num_kv_heads)
-        if self.d_ff is not None:
-            _check_positive("d_ff", self.d_ff)
-        if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model % num_heads must be 0, got d_model={self.d_model}, "
-                f"num_heads={self.num_heads}"
-            )
-        if self.num_heads % self.kv_heads:
-            raise ValueError(
-                f"num_heads % num_kv_heads must be 0, got num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}"
-            )
-        _check_choice("position", self.position, _POSITIONS)
-        _check_choice("norm_position", self.norm_position, _NORM_POSITIONS)
-        _check_choice("activation", self.activation, _ACTIVATIONS)
-        if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head dim, got {self.head_dim}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        _validate_common(self, ("num_layers",))
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqConfig(_HeadsMixin):
+    """An encoder-decoder Transformer.
+
+    The defaults are the original Transformer's choices (post-LN, ReLU, sinusoidal positions,
+    embeddings scaled by sqrt(D) and shared by encoder, decoder and output head). Marian (opus-mt)
+    is `activation="silu", logits_bias=True` with the other defaults; a modern model is
+    `norm_position="pre", activation="gelu", embed_scale=False`.
+
+    Attributes:
+      vocab_size, d_model, num_heads, max_len, num_kv_heads, d_ff, position, norm_position,
+        activation, use_bias, layer_norm_eps, rope_base, embed_scale, init_std: as DecoderConfig;
+        max_len bounds both the source and the target length.
+      num_encoder_layers, num_decoder_layers: layer counts.
+      share_embeddings: one token embedding for encoder and decoder.
+      tie_embeddings: the output head is the transposed decoder embedding.
+      logits_bias: a learned bias on the output logits (Marian's final_logits_bias).
+    """
+
+    vocab_size: int
+    num_encoder_layers: int
+    num_decoder_layers: int
+    d_model: int
+    num_heads: int
+    max_len: int
+    num_kv_heads: int | None = None
+    d_ff: int | None = None
+    position: Position = "sinusoidal"
+    norm_position: NormPosition = "post"
+    activation: Activation = "relu"
+    use_bias: bool = True
+    share_embeddings: bool = True
+    tie_embeddings: bool = True
+    logits_bias: bool = False
+    layer_norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    embed_scale: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _validate_common(self, ("num_encoder_layers", "num_decoder_layers"))
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
-    def ff_dim(self) -> int:
-        return 4 * self.d_model if self.d_ff is None else self.d_ff
+    def num_layers(self) -> int:
+        """Decoder layers: the depth of the self-attention KV cache."""
+        return self.num_decoder_layers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import cache as kv_cache
-from jaxdec import checks, model
-from jaxdec.config import DecoderConfig
+from jaxdec import api, checks, model, seq2seq
+from jaxdec.config import DecoderConfig, Seq2SeqConfig
 from jaxdec.sampling import Greedy, Sampler, Temperature, TopK, TopP
 
 
@@ -71,6 +71,7 @@ def decode_loop(
     eos_id: jax.Array,
     pad_id: jax.Array,
     return_logits: bool = False,
+    cache_cross: bool = True,
 ) -> GenerateResult:
     """Samples max_new_tokens tokens per example with one `lax.scan`.
 
@@ -123,19 +124,34 @@ def right_align(prompts: jax.Array, lengths: jax.Array, width: int) -> tuple[jax
     return jnp.where(src >= 0, gathered, 0).astype(jnp.int32), starts
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "sampler", "max_new_tokens", "capacity", "use_cache", "return_logits"),
-)
-def _generate_decoder(params, config, prompts, lengths, key, eos_id, pad_id, *, sampler,
-                      max_new_tokens, capacity, use_cache, return_logits):
-    tokens, starts = right_align(prompts, lengths, capacity - max_new_tokens)
+def _prefill_and_step(params, config, tokens, starts, capacity, source, source_lengths,
+                      use_cache: bool, cache_cross: bool):
+    """The model family's prefill, run now, and its step function for the loop."""
+    if isinstance(config, Seq2SeqConfig):
+        if use_cache:
+            logits, state = seq2seq.prefill(params, config, tokens, starts, capacity, source,
+                                            source_lengths, cache_cross)
+            return logits, state, seq2seq.decode_step
+        logits, state = seq2seq.prefill_uncached(params, config, tokens, starts, capacity, source,
+                                                 source_lengths)
+        return logits, state, seq2seq.recompute_step
     if use_cache:
         logits, state = model.prefill(params, config, tokens, starts, capacity)
-        step = model.decode_step
-    else:
-        logits, state = model.prefill_uncached(params, config, tokens, starts, capacity)
-        step = model.recompute_step
+        return logits, state, model.decode_step
+    logits, state = model.prefill_uncached(params, config, tokens, starts, capacity)
+    return logits, state, model.recompute_step
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "sampler", "max_new_tokens", "capacity", "use_cache", "cache_cross",
+                     "return_logits"),
+)
+def _generate(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id, *,
+              sampler, max_new_tokens, capacity, use_cache, cache_cross, return_logits):
+    tokens, starts = right_align(prompts, lengths, capacity - max_new_tokens)
+    logits, state, step = _prefill_and_step(params, config, tokens, starts, capacity, source,
+                                            source_lengths, use_cache, cache_cross)
     return decode_loop(
         lambda p, c, t, pos: step(p, config, c, t, pos),
         params, state, logits, lengths, sampler=sampler, key=key, max_new_tokens=max_new_tokens,
@@ -188,10 +204,12 @@ def _pad_to(prompts, width: int):
 
 def generate(
     params,
-    config: DecoderConfig,
+    config: DecoderConfig | Seq2SeqConfig,
     prompts,
     prompt_lengths=None,
     *,
+    source=None,
+    source_lengths=None,
     max_new_tokens: int,
     sampler: Sampler = Greedy(),
     key: jax.Array | None = None,
@@ -200,12 +218,15 @@ def generate(
     use_cache: bool = True,
     capacity: int | None = None,
     return_logits: bool = False,
+    cache_cross: bool = True,
 ) -> GenerateResult:
     """Generates max_new_tokens tokens after each prompt.
 
     Args:
       prompts: int32 [B, P], right-padded when prompt_lengths is given.
       prompt_lengths: int32 [B], 1 <= length <= P; None means all P tokens are real.
+      source, source_lengths: the encoder input int32 [B, S] and its lengths [B], for a
+        Seq2SeqConfig (prompts are then decoder prompts, e.g. just the start token).
       max_new_tokens: tokens to generate per example.
       sampler: Greedy() (default), Temperature, TopK or TopP.
       key: PRNG key, required by the stochastic samplers; same key -> same samples.
@@ -215,19 +236,27 @@ def generate(
         keyed on (B, capacity, max_new_tokens, sampler): fix capacity to decode prompts of any
         width up to capacity - max_new_tokens without recompiling.
       return_logits: also return the float32 [B, max_new_tokens, V] logits of every step.
+      cache_cross: encoder-decoder only: False re-projects the cross-attention K/V from the
+        encoder output at every step instead of carrying them (to measure what caching saves).
 
     Returns:
       GenerateResult(tokens int32 [B, max_new_tokens], lengths int32 [B], logits).
     """
+    api.check_config(config)
     lengths, capacity = _check_generate_args(
         config, prompts, prompt_lengths, max_new_tokens, capacity, sampler, key
     )
+    source_lengths = api.check_source(config, source, source_lengths)
+    if source is not None:
+        if np.shape(source)[0] != np.shape(prompts)[0]:
+            raise ValueError(f"source has batch {np.shape(source)[0]}, prompts have {np.shape(prompts)[0]}")
+        source = jnp.asarray(source, jnp.int32)
     if key is None:
         key = jax.random.key(0)  # unused by Greedy; keeps one compiled program
-    return _generate_decoder(
+    return _generate(
         params, config, _pad_to(prompts, capacity - max_new_tokens),
-        jnp.asarray(lengths, jnp.int32), key,
+        jnp.asarray(lengths, jnp.int32), source, source_lengths, key,
         jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32),
         sampler=sampler, max_new_tokens=max_new_tokens, capacity=capacity, use_cache=use_cache,
-        return_logits=return_logits,
+        cache_cross=cache_cross, return_logits=return_logits,
     )

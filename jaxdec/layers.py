@@ -11,7 +11,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxdec.config import DecoderConfig
 
 # --- init -------------------------------------------------------------------------------------
 
@@ -25,7 +24,7 @@ def init_norm(d_model: int) -> dict:
     return {"scale": jnp.ones((d_model,), jnp.float32), "bias": jnp.zeros((d_model,), jnp.float32)}
 
 
-def init_attention(key: jax.Array, config: DecoderConfig, out_std: float, cross: bool = False) -> dict:
+def init_attention(key: jax.Array, config, out_std: float, cross: bool = False) -> dict:
     """Attention projections as 2-D matrices (one matmul each, no per-step weight transposes).
 
     Self-attention fuses Q, K and V into qkv [D, (N + 2K) * H] (GPT-2's c_attn layout): one
@@ -45,7 +44,7 @@ def init_attention(key: jax.Array, config: DecoderConfig, out_std: float, cross:
     return p
 
 
-def init_mlp(key: jax.Array, config: DecoderConfig, out_std: float) -> dict:
+def init_mlp(key: jax.Array, config, out_std: float) -> dict:
     """MLP: w_in [D,F], w_out [F,D] (+ biases if use_bias)."""
     D, F = config.d_model, config.ff_dim
     k_in, k_out = jax.random.split(key)
@@ -114,6 +113,8 @@ def activation(name: str, x: jax.Array) -> jax.Array:
         return jax.nn.gelu(x, approximate=False)
     if name == "gelu_tanh":
         return jax.nn.gelu(x, approximate=True)
+    if name == "silu":
+        return jax.nn.silu(x)
     return jax.nn.relu(x)
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxdec import cache as kv_cache
 from jaxdec import layers
 from jaxdec.attention import attend, causal_mask, decoder_self_mask
+from jaxdec.cache import CrossKV
 from jaxdec.config import DecoderConfig
 
 # --- parameters -------------------------------------------------------------------------------
@@ -115,16 +116,30 @@ def _dropper(rate: float, rng: jax.Array | None):
     return lambda y, site: layers.dropout(y, rate, jax.random.fold_in(rng, site))
 
 
-def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=None):
-    """All blocks over a full sequence; returns x [B,T,D] and each layer's (k, v) [B,T,K,H]."""
+def cross_sublayer(p: dict, config, x: jax.Array, cross: CrossKV, layer: int, drop=lambda y: y):
+    """Cross-attention: Q from the decoder stream x [B,T,D], K/V precomputed from the encoder."""
+    h = sublayer_in(p["cross_norm"], config, x)
+    q = layers.project_q(p["cross"], h, config.num_heads)
+    o = attend(q, cross.k[layer], cross.v[layer], cross.mask()[:, None, :], heads_first=True)
+    return sublayer_out(p["cross_norm"], config, x, drop(layers.project_out(p["cross"], o)))
+
+
+def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=None, cross=None):
+    """All blocks over a full sequence; returns x [B,T,D] and each layer's (k, v) [B,T,K,H].
+
+    mask: bool broadcastable to [B, T, T]. cross: CrossKV for encoder-decoder blocks, which run
+    cross-attention between self-attention and the MLP.
+    """
     drop = _dropper(dropout_rate, rng)
     kvs = []
     for i, p in enumerate(params["layers"]):
         h = sublayer_in(p["attn_norm"], config, x)
         q, k, v = self_qkv(p["attn"], config, h, positions)
         o = layers.project_out(p["attn"], attend(q, k, v, mask))
-        x = sublayer_out(p["attn_norm"], config, x, drop(o, 2 * i + 1))
-        x = mlp_sublayer(p, config, x, lambda y, s=2 * i + 2: drop(y, s))
+        x = sublayer_out(p["attn_norm"], config, x, drop(o, 3 * i + 1))
+        if cross is not None:
+            x = cross_sublayer(p, config, x, cross, i, lambda y, s=3 * i + 2: drop(y, s))
+        x = mlp_sublayer(p, config, x, lambda y, s=3 * i + 3: drop(y, s))
         kvs.append((k, v))
     return x, kvs
 
@@ -132,13 +147,17 @@ def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=N
 # --- forward (teacher forcing) ----------------------------------------------------------------
 
 
-def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None):
-    """Traceable forward pass without host checks: tokens [B,T], lengths [B] -> logits [B,T,V]."""
+def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None, cross=None):
+    """Traceable forward pass without host checks: tokens [B,T], lengths [B] -> logits [B,T,V].
+
+    cross: the encoder's cross-attention K/V, for the encoder-decoder's decoder.
+    """
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     x = embed_inputs(params, config, tokens, positions)
     x = _dropper(dropout_rate, rng)(x, 0)
-    x, _ = run_layers(params, config, x, positions, decoder_self_mask(lengths, T), dropout_rate, rng)
+    mask = decoder_self_mask(lengths, T)
+    x, _ = run_layers(params, config, x, positions, mask, dropout_rate, rng, cross=cross)
     return output_logits(params, config, x)
 
 
@@ -155,13 +174,15 @@ def aligned_self_mask(starts: jax.Array, width: int) -> jax.Array:
     return causal_mask(width)[None] & (jnp.arange(width)[None, None, :] >= starts[:, None, None])
 
 
-def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, starts: jax.Array, capacity: int):
+def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, starts: jax.Array, capacity: int,
+            cross: CrossKV | None = None):
     """One forward pass over right-aligned prompts, writing their K/V into a new cache.
 
     Args:
       tokens: int32 [B, W], example b's prompt in slots starts[b] .. W - 1 (left-padded).
       starts: int32 [B].
       capacity: S >= W, cache slots.
+      cross: the encoder's cross-attention K/V (encoder-decoder only).
 
     Returns:
       logits float32 [B, V] at slot W - 1 (every prompt's last token), and the KVCache (end = W).
@@ -169,7 +190,7 @@ def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, starts: jax.
     B, W = tokens.shape
     positions = aligned_positions(starts, W)
     x = embed_inputs(params, config, tokens, positions)
-    x, kvs = run_layers(params, config, x, positions, aligned_self_mask(starts, W))
+    x, kvs = run_layers(params, config, x, positions, aligned_self_mask(starts, W), cross=cross)
     dtype = kvs[0][0].dtype
     cache = kv_cache.init_cache(config.num_layers, B, capacity, config.kv_heads, config.head_dim, dtype)
     for i, (k, v) in enumerate(kvs):
@@ -179,11 +200,12 @@ def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, starts: jax.
     return output_logits(params, config, x[:, -1:])[:, 0], cache
 
 
-def decode_step(params: dict, config: DecoderConfig, cache, tokens: jax.Array, positions: jax.Array):
+def decode_step(params: dict, config: DecoderConfig, cache, tokens: jax.Array, positions: jax.Array,
+                cross: CrossKV | None = None):
     """One cached step: tokens, positions int32 [B] -> logits float32 [B, V], updated cache.
 
     Computes only the new query row; its K/V go to slot cache.end, then it attends to slots
-    starts[b] .. end of the cache.
+    starts[b] .. end of the cache (and, with cross, to the encoder's precomputed K/V).
     """
     x = embed_inputs(params, config, tokens[:, None], positions[:, None])  # [B, 1, D]
     mask = kv_cache.query_mask(cache, 1)  # [B, 1, S]
@@ -193,6 +215,8 @@ def decode_step(params: dict, config: DecoderConfig, cache, tokens: jax.Array, p
         cache = kv_cache.write(cache, i, k, v)
         o = attend(q, cache.k[i], cache.v[i], mask, heads_first=True)
         x = sublayer_out(p["attn_norm"], config, x, layers.project_out(p["attn"], o))
+        if cross is not None:
+            x = cross_sublayer(p, config, x, cross, i)
         x = mlp_sublayer(p, config, x)
     return output_logits(params, config, x)[:, 0], kv_cache.advance(cache, 1)
 
@@ -212,17 +236,17 @@ class TokenBuffer:
     end: jax.Array
 
 
-def _full_logits_at(params, config, buf: TokenBuffer, slot) -> jax.Array:
+def _full_logits_at(params, config, buf: TokenBuffer, slot, cross=None) -> jax.Array:
     """Recomputes the whole buffer [B, S] and returns the logits at `slot`: [B, V]."""
     S = buf.tokens.shape[1]
     positions = aligned_positions(buf.starts, S)
     x = embed_inputs(params, config, buf.tokens, positions)
-    x, _ = run_layers(params, config, x, positions, aligned_self_mask(buf.starts, S))
+    x, _ = run_layers(params, config, x, positions, aligned_self_mask(buf.starts, S), cross=cross)
     x = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)
     return output_logits(params, config, x)[:, 0]
 
 
-def prefill_uncached(params, config, tokens: jax.Array, starts: jax.Array, capacity: int):
+def prefill_uncached(params, config, tokens: jax.Array, starts: jax.Array, capacity: int, cross=None):
     """Like `prefill`, but the state is the token buffer and logits come from a full recompute."""
     B, W = tokens.shape
     buf = TokenBuffer(
@@ -230,13 +254,13 @@ def prefill_uncached(params, config, tokens: jax.Array, starts: jax.Array, capac
         starts=starts.astype(jnp.int32),
         end=jnp.asarray(W, jnp.int32),
     )
-    return _full_logits_at(params, config, buf, W - 1), buf
+    return _full_logits_at(params, config, buf, W - 1, cross), buf
 
 
-def recompute_step(params, config, buf: TokenBuffer, tokens: jax.Array, positions: jax.Array):
+def recompute_step(params, config, buf: TokenBuffer, tokens: jax.Array, positions: jax.Array, cross=None):
     """The waste the cache removes: append tokens [B] and rerun every position of the buffer."""
     del positions  # implied by the buffer's layout
     new = jax.lax.dynamic_update_slice(buf.tokens, tokens[:, None].astype(jnp.int32), (0, buf.end))
     buf = buf.replace(tokens=new)
-    return _full_logits_at(params, config, buf, buf.end), buf.replace(end=buf.end + 1)
+    return _full_logits_at(params, config, buf, buf.end, cross), buf.replace(end=buf.end + 1)
 

@@ -1,0 +1,376 @@
+"""Tests for jaxdec.attention: hand-written masks, attend() against a naive per-head reference,
+GQA head grouping, vmap == batch, and no NaN (forward or gradient) on fully masked rows."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdec.attention import (
+    attend,
+    causal_mask,
+    combine_masks,
+    decoder_self_mask,
+    key_range_mask,
+    padding_mask,
+    safe_softmax,
+)
+
+T_, F_ = True, False
+
+# The seed's sentence: "[SOS] 나는 학교에" ("[SOS] I school-to"), 3 tokens.
+SENTENCE = ["[SOS]", "나는", "학교에"]
+
+# Row i = the query at token i; column j = may it look at token j? Causal: only j <= i.
+CAUSAL_3 = np.array(
+    [
+        # [SOS]  나는  학교에
+        [T_, F_, F_],  # [SOS] sees itself only
+        [T_, T_, F_],  # 나는 sees [SOS], 나는
+        [T_, T_, T_],  # 학교에 sees everything so far
+    ]
+)
+
+
+def naive_attend(q, k, v, mask):
+    """Per-example, per-head, per-query float64 reference: softmax(q k^T / sqrt(H)) over the
+    allowed keys only; a query with no allowed key gives zeros. Query head n uses K/V head
+    n // (N // K). q [B,T,N,H], k/v [B,S,K,H], mask bool [B,T,S]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    mask = np.asarray(mask)
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    out = np.zeros((B, T, N, H))
+    for b in range(B):
+        for n in range(N):
+            j = n // (N // K)
+            for t in range(T):
+                allowed = np.flatnonzero(mask[b, t])
+                if allowed.size == 0:
+                    continue
+                scores = k[b, allowed, j] @ q[b, t, n] / np.sqrt(H)
+                w = np.exp(scores - scores.max())
+                out[b, t, n] = (w / w.sum()) @ v[b, allowed, j]
+    return out
+
+
+def _qkv(seed, B=2, T=3, S=5, N=4, K=2, H=8):
+    """Random float32 q [B,T,N,H], k, v [B,S,K,H] (numpy RNG: no JAX compilation)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, N, H), np.float32)
+    k = rng.standard_normal((B, S, K, H), np.float32)
+    v = rng.standard_normal((B, S, K, H), np.float32)
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+
+
+# One compiled program per input shape; eager attend would compile every primitive separately.
+attend_jit = jax.jit(attend, static_argnames=("heads_first",))
+
+
+def _mask_with_empty_rows():
+    """bool [2, 3, 5]: example 0's query 1 and example 1's query 2 see nothing; in example 1,
+    key slots 1 and 2 are seen by no query."""
+    return jnp.array(
+        [
+            [[T_, F_, T_, F_, F_], [F_, F_, F_, F_, F_], [T_, T_, F_, T_, T_]],
+            [[F_, F_, F_, F_, T_], [T_, F_, F_, T_, T_], [F_, F_, F_, F_, F_]],
+        ]
+    )
+
+
+# --- masks by hand ----------------------------------------------------------------------------
+
+
+def test_causal_mask_korean_sentence():
+    mask = causal_mask(len(SENTENCE))
+    chex.assert_shape(mask, (3, 3))
+    chex.assert_type(mask, bool)
+    np.testing.assert_array_equal(mask, CAUSAL_3)
+    # Read as words: token i may see exactly the words up to and including itself.
+    for i, word in enumerate(SENTENCE):
+        visible = [SENTENCE[j] for j in range(3) if mask[i, j]]
+        assert visible == SENTENCE[: i + 1], (word, visible)
+
+
+def test_causal_mask_with_offset_and_longer_keys():
+    # Two new queries at absolute positions 3 and 4 over 6 key slots (decode-style).
+    expected = np.array(
+        [
+            [T_, T_, T_, T_, F_, F_],
+            [T_, T_, T_, T_, T_, F_],
+        ]
+    )
+    np.testing.assert_array_equal(causal_mask(2, 6, offset=3), expected)
+    # One decode-step query at position 2 sees keys 0..2, not just key 0 (the top-left pitfall).
+    np.testing.assert_array_equal(causal_mask(1, 4, offset=jnp.int32(2)), [[T_, T_, T_, F_]])
+
+
+def test_padding_mask_by_hand():
+    # "[SOS] 나는 학교에" (3 real tokens), "[SOS] 나는 [PAD]" (2), "[SOS] [PAD] [PAD]" (1),
+    # and an all-padding row (0).
+    mask = padding_mask(jnp.array([3, 2, 1, 0]), 3)
+    expected = np.array(
+        [
+            [T_, T_, T_],
+            [T_, T_, F_],
+            [T_, F_, F_],
+            [F_, F_, F_],
+        ]
+    )
+    chex.assert_shape(mask, (4, 3))
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_decoder_self_mask_by_hand():
+    # Example 0: "[SOS] 나는 학교에" (length 3); example 1: "[SOS] 나는 [PAD]" (length 2);
+    # example 2: all padding (length 0).
+    mask = decoder_self_mask(jnp.array([3, 2, 0]), 3)
+    expected = np.array(
+        [
+            CAUSAL_3,
+            [
+                [T_, F_, F_],
+                [T_, T_, F_],
+                [T_, T_, F_],  # the [PAD] query sees the real tokens, never itself
+            ],
+            np.zeros((3, 3), bool),
+        ]
+    )
+    chex.assert_shape(mask, (3, 3, 3))
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_key_range_and_combine_masks_by_hand():
+    mask = key_range_mask(jnp.array([1, 0, 3]), jnp.array([3, 4, 3]), 4)
+    expected = np.array(
+        [
+            [F_, T_, T_, F_],
+            [T_, T_, T_, T_],
+            [F_, F_, F_, F_],  # empty range
+        ]
+    )
+    chex.assert_shape(mask, (3, 4))
+    np.testing.assert_array_equal(mask, expected)
+
+    a = jnp.array([[T_, T_, F_]])
+    b = jnp.array([[T_, F_, F_], [F_, T_, T_]])
+    np.testing.assert_array_equal(combine_masks(a, None, b), [[T_, F_, F_], [F_, T_, F_]])
+    np.testing.assert_array_equal(combine_masks(None, b), b)
+    assert combine_masks(None, None) is None
+    assert combine_masks() is None
+
+
+# --- jit and non-jit agree (shapes and values) ------------------------------------------------
+
+
+class AttentionVariantsTest(chex.TestCase):
+    """Every public function of jaxdec.attention, jitted and not, against the same expectation."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_masks(self):
+        causal = self.variant(causal_mask, static_argnums=(0, 1))
+        out = causal(3, 3, 0)
+        chex.assert_shape(out, (3, 3))
+        np.testing.assert_array_equal(out, CAUSAL_3)
+        np.testing.assert_array_equal(causal(2, 6, 3), np.arange(6)[None, :] <= np.array([[3], [4]]))
+
+        pad = self.variant(padding_mask, static_argnums=(1,))
+        out = pad(jnp.array([3, 2, 0]), 4)
+        chex.assert_shape(out, (3, 4))
+        np.testing.assert_array_equal(out, np.arange(4)[None, :] < np.array([[3], [2], [0]]))
+
+        self_mask = self.variant(decoder_self_mask, static_argnums=(1,))
+        out = self_mask(jnp.array([3, 2]), 3)
+        chex.assert_shape(out, (2, 3, 3))
+        np.testing.assert_array_equal(out[0], CAUSAL_3)
+        np.testing.assert_array_equal(out[1], CAUSAL_3 & np.array([T_, T_, F_])[None, :])
+
+        key_range = self.variant(key_range_mask, static_argnums=(2,))
+        out = key_range(jnp.array([1, 0]), jnp.array([3, 1]), 4)
+        chex.assert_shape(out, (2, 4))
+        np.testing.assert_array_equal(out, [[F_, T_, T_, F_], [T_, F_, F_, F_]])
+
+        combine = self.variant(lambda a, b: combine_masks(a, None, b))
+        out = combine(jnp.ones((2, 1, 4), bool), jnp.array([[[T_, F_, T_, F_]]]))
+        chex.assert_shape(out, (2, 1, 4))
+        np.testing.assert_array_equal(out, np.broadcast_to([T_, F_, T_, F_], (2, 1, 4)))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_safe_softmax(self):
+        scores = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 5), np.float32) * 3.0)
+        mask = _mask_with_empty_rows()
+        probs = self.variant(safe_softmax)(scores, mask)
+        chex.assert_shape(probs, (2, 3, 5))
+        chex.assert_type(probs, jnp.float32)
+        s = np.asarray(scores, np.float64)
+        m = np.asarray(mask)
+        e = np.where(m, np.exp(s - s.max(-1, keepdims=True)), 0.0)
+        denom = e.sum(-1, keepdims=True)
+        expected = np.divide(e, denom, out=np.zeros_like(e), where=denom > 0)
+        chex.assert_trees_all_close(probs, expected.astype(np.float32), atol=1e-6, rtol=0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_attend_matches_naive_reference(self):
+        q, k, v = _qkv(2)
+        mask = _mask_with_empty_rows()
+        out = self.variant(attend)(q, k, v, mask)
+        chex.assert_shape(out, q.shape)
+        chex.assert_type(out, jnp.float32)
+        chex.assert_trees_all_close(out, naive_attend(q, k, v, mask).astype(np.float32), atol=1e-5, rtol=0)
+
+
+# --- attend: reference, GQA grouping, layouts, vmap -------------------------------------------
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_attend_matches_naive_reference_per_head(num_kv_heads):
+    q, k, v = _qkv(3, B=2, T=4, S=6, N=4, K=num_kv_heads, H=8)
+    mask = jnp.asarray(causal_mask(4, 6, offset=2))[None] & padding_mask(jnp.array([6, 4]), 6)[:, None, :]
+    out = attend_jit(q, k, v, mask)
+    chex.assert_shape(out, (2, 4, 4, 8))
+    chex.assert_trees_all_close(out, naive_attend(q, k, v, mask).astype(np.float32), atol=1e-5, rtol=0)
+
+
+def test_attend_no_mask_is_plain_softmax_attention():
+    q, k, v = _qkv(4, K=4)
+    out = attend_jit(q, k, v)
+    expected = naive_attend(q, k, v, np.ones((2, 3, 5), bool))
+    chex.assert_trees_all_close(out, expected.astype(np.float32), atol=1e-5, rtol=0)
+
+
+def test_gqa_query_head_n_reads_kv_head_n_div_group():
+    # Values are constant per K/V head (head j holds j + 1 everywhere), so every attention output
+    # of query head n equals (kv head it reads) + 1, whatever the softmax weights are.
+    B, T, S, N, K, H = 2, 3, 5, 6, 3, 4
+    q, k, _ = _qkv(5, B, T, S, N, K, H)
+    v = jnp.broadcast_to((jnp.arange(K, dtype=jnp.float32) + 1.0)[None, None, :, None], (B, S, K, H))
+    out = attend_jit(q, k, v, causal_mask(T, S, offset=2))
+    expected_head = np.arange(N) // (N // K) + 1.0  # 1, 1, 2, 2, 3, 3
+    chex.assert_trees_all_close(
+        out, np.broadcast_to(expected_head[None, None, :, None], (B, T, N, H)).astype(np.float32),
+        atol=1e-6, rtol=0,
+    )
+
+
+def test_attend_heads_first_layout_equals_default_layout():
+    q, k, v = _qkv(6)
+    mask = _mask_with_empty_rows()
+    out = attend_jit(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, heads_first=True)
+    chex.assert_trees_all_close(out, attend_jit(q, k, v, mask), atol=1e-6, rtol=0)
+
+
+def test_vmap_of_unbatched_attend_equals_batched_call():
+    q, k, v = _qkv(8, B=3, T=3, S=5, N=4, K=2)
+    mask = jnp.concatenate([_mask_with_empty_rows(), causal_mask(3, 5, offset=2)[None]], axis=0)
+    batched = attend_jit(q, k, v, mask)
+    vmapped = jax.jit(jax.vmap(attend))(q, k, v, mask)  # each call sees q [T,N,H], k/v [S,K,H], mask [T,S]
+    chex.assert_shape(vmapped, (3, 3, 4, 8))
+    chex.assert_trees_all_close(vmapped, batched, atol=1e-6, rtol=0)
+    # Unbatched heads-first ([K,S,H]) and unmasked calls vmap the same way.
+    vmapped_hf = jax.jit(jax.vmap(lambda q, k, v, m: attend(q, k, v, m, heads_first=True)))(
+        q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask
+    )
+    chex.assert_trees_all_close(vmapped_hf, batched, atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(jax.jit(jax.vmap(attend))(q, k, v), attend_jit(q, k, v), atol=1e-6, rtol=0)
+
+
+def test_attend_rejects_heads_not_divisible():
+    q, k, v = _qkv(9, N=4, K=3)
+    with pytest.raises(ValueError, match="multiple"):
+        attend_jit(q, k, v)
+
+
+def test_attend_keeps_query_dtype():
+    q, k, v = (a.astype(jnp.bfloat16) for a in _qkv(10))
+    out = attend_jit(q, k, v, _mask_with_empty_rows())
+    chex.assert_type(out, jnp.bfloat16)
+    expected = naive_attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), _mask_with_empty_rows())
+    chex.assert_trees_all_close(out.astype(jnp.float32), expected.astype(np.float32), atol=5e-2, rtol=0)
+
+
+# --- no NaN on fully masked rows, forward and gradient ----------------------------------------
+
+
+def test_fully_masked_rows_give_exact_zeros_not_nan():
+    q, k, v = _qkv(11)
+    mask = _mask_with_empty_rows()
+    # The pitfall this guards against: a plain -inf softmax is NaN on these rows.
+    naive = jax.nn.softmax(jnp.where(mask, jnp.ones((2, 3, 5)), -jnp.inf), axis=-1)
+    assert np.isnan(naive[0, 1]).all() and np.isnan(naive[1, 2]).all()
+
+    out = attend_jit(q, k, v, mask)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out[0, 1], 0.0)
+    np.testing.assert_array_equal(out[1, 2], 0.0)
+    assert np.abs(out[0, 0]).min() > 0  # rows with keys are not zeroed
+
+    probs = safe_softmax(jnp.ones((2, 3, 5)), mask)
+    np.testing.assert_array_equal(probs[0, 1], 0.0)
+    np.testing.assert_array_equal(probs[1, 2], 0.0)
+    np.testing.assert_array_equal(np.where(mask, 0.0, probs), 0.0)  # masked keys get exactly 0
+    chex.assert_trees_all_close(probs[0, 0], jnp.array([0.5, 0, 0.5, 0, 0]), atol=1e-7, rtol=0)
+
+
+def test_all_false_mask_attends_to_nothing():
+    q, k, v = _qkv(12)
+    out = attend_jit(q, k, v, jnp.zeros((3, 5), bool))  # mask [T, S] broadcast over the batch
+    np.testing.assert_array_equal(out, np.zeros(q.shape, np.float32))
+    out = jax.jit(jax.vmap(attend))(q, k, v, jnp.zeros((2, 3, 5), bool))
+    np.testing.assert_array_equal(out, np.zeros(q.shape, np.float32))
+
+
+def test_gradients_through_fully_masked_rows_are_finite():
+    q, k, v = _qkv(13)
+    mask = _mask_with_empty_rows()
+    weights = jnp.asarray(np.random.default_rng(14).standard_normal(q.shape, np.float32))
+
+    def loss(q, k, v):
+        return jnp.sum(attend_jit(q, k, v, mask) * weights)
+
+    gq, gk, gv = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for g in (gq, gk, gv):
+        assert np.isfinite(g).all()
+    # A query that attends to nothing has no influence on the loss.
+    np.testing.assert_array_equal(gq[0, 1], 0.0)
+    np.testing.assert_array_equal(gq[1, 2], 0.0)
+    assert np.abs(gq[0, 0]).sum() > 0  # ...while the others do get gradient
+    # Keys no query of example 1 may see (slots masked in every row) get zero gradient.
+    unseen = ~np.asarray(mask[1]).any(0)
+    assert unseen.sum() == 2
+    np.testing.assert_array_equal(np.asarray(gk[1])[unseen], 0.0)
+    np.testing.assert_array_equal(np.asarray(gv[1])[unseen], 0.0)
+
+    # The same through safe_softmax alone, scores with large magnitude included.
+    rng = np.random.default_rng(15)
+    scores = jnp.asarray(rng.standard_normal((2, 3, 5), np.float32) * 50.0)
+    c = jnp.asarray(rng.standard_normal((2, 3, 5), np.float32))
+    g = jax.jit(jax.grad(lambda s: jnp.sum(safe_softmax(s, mask) * c)))(scores)
+    assert np.isfinite(g).all()
+    np.testing.assert_array_equal(np.where(np.asarray(mask), 0.0, g), 0.0)  # masked: exactly 0
+
+
+def test_nan_in_masked_key_slots_does_not_leak():
+    # Masked scores are replaced by -inf, so garbage keys in unused cache slots are harmless.
+    q, k, v = _qkv(17)
+    mask = _mask_with_empty_rows()
+    k_bad = jnp.where(np.asarray(mask).any(1)[:, :, None, None], k, jnp.nan)
+    out = attend_jit(q, k_bad, v, mask)
+    assert np.isfinite(out).all()
+    chex.assert_trees_all_close(out, attend_jit(q, k, v, mask), atol=0, rtol=0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="attend computes probs @ v over every slot, so 0 * NaN (or 0 * inf) in a masked V slot "
+    "turns the whole output NaN (DESIGN.md section 6 pitfall); fix e.g. with "
+    "jnp.where(key_mask, v, 0) or a masked einsum",
+)
+def test_nan_in_masked_value_slots_does_not_leak():
+    q, k, v = _qkv(18)
+    mask = _mask_with_empty_rows()
+    v_bad = jnp.where(np.asarray(mask).any(1)[:, :, None, None], v, jnp.nan)
+    out = attend_jit(q, k, v_bad, mask)
+    assert np.isfinite(out).all()
