@@ -19,8 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdec import checkpoint, report
-from jaxdec.config import DecoderConfig, TrainConfig
-from jaxdec.data import ByteTokenizer, Corpus, eval_batches, load_stdlib_corpus, load_text_corpus, sample_batch
+from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
+from jaxdec.data import ByteTokenizer, Corpus, dates, eval_batches, load_stdlib_corpus, load_text_corpus, sample_batch
 from jaxdec.decode import generate
 from jaxdec.sampling import TopK
 from jaxdec.training import TrainState, create_train_state, eval_step, train_step
@@ -50,6 +50,8 @@ class RunConfig:
       num_samples: held-out prompts to continue with the KV cache at the end.
       sample_tokens: tokens generated per sample.
       held_out_fraction: share of files (or bytes, for a single file) held out.
+      eval_examples: dates task: held-out dates translated for the exact-match score (the
+        final score uses 4x as many).
     """
 
     model: DecoderConfig
@@ -69,6 +71,15 @@ class RunConfig:
     num_samples: int = 3
     sample_tokens: int = 160
     held_out_fraction: float = 0.05
+    eval_examples: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqRunConfig(RunConfig):
+    """A run of the encoder-decoder on the embedded dates task (`--task dates`); seq_len is the
+    source length in bytes."""
+
+    model: Seq2SeqConfig
 
 
 def _model(d_model: int, layers: int, heads: int, max_len: int) -> DecoderConfig:
@@ -97,6 +108,24 @@ PRESETS: dict[str, RunConfig] = {
 }
 
 
+DATES_PRESETS: dict[str, Seq2SeqRunConfig] = {
+    "tiny": Seq2SeqRunConfig(
+        model=Seq2SeqConfig(vocab_size=TOKENIZER.vocab_size, num_encoder_layers=1, num_decoder_layers=1,
+                            d_model=64, num_heads=4, max_len=64),
+        train=TrainConfig(learning_rate=3e-3, warmup_steps=20, decay_steps=100),
+        name="dates-tiny", steps=100, batch_size=32, seq_len=32, eval_every=50, checkpoint_every=50,
+        eval_examples=128, num_samples=6,
+    ),
+    "small": Seq2SeqRunConfig(
+        model=Seq2SeqConfig(vocab_size=TOKENIZER.vocab_size, num_encoder_layers=2, num_decoder_layers=2,
+                            d_model=128, num_heads=4, max_len=64),
+        train=TrainConfig(learning_rate=2e-3, warmup_steps=100, decay_steps=1500),
+        name="dates", steps=1500, batch_size=64, seq_len=32, eval_every=500, checkpoint_every=500,
+        eval_examples=512, num_samples=8,
+    ),
+}
+
+
 def validate(cfg: RunConfig) -> None:
     """Refuses a run that cannot work, before loading data or compiling anything."""
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
@@ -112,6 +141,12 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
+    if isinstance(cfg.model, Seq2SeqConfig):
+        if cfg.seq_len < dates.max_source_bytes():
+            raise ValueError(f"seq_len {cfg.seq_len} is shorter than the longest date source "
+                             f"({dates.max_source_bytes()} bytes)")
+        if cfg.data is not None:
+            raise ValueError("--data trains the language model; the dates task generates its data")
 
 
 def load_corpus(cfg: RunConfig) -> Corpus:
@@ -186,17 +221,113 @@ def decode_speed(state: TrainState, prompt: np.ndarray, new_tokens: int, repeats
     return speeds
 
 
+class LMTask:
+    """Next-byte prediction on a text corpus; scored in held-out bits per byte."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.corpus = load_corpus(cfg)
+        print(f"data: {self.corpus.name}: {len(self.corpus.train):,} train / "
+              f"{len(self.corpus.held_out):,} held-out tokens ({len(self.corpus.train_files)} / "
+              f"{len(self.corpus.held_out_files)} files)")
+        self.eval_data = self._eval_data(cfg.eval_batches)
+
+    def _eval_data(self, n: int) -> list[dict]:
+        return eval_batches(self.corpus.held_out, batch_size=self.cfg.batch_size,
+                            seq_len=self.cfg.seq_len, max_batches=n)
+
+    def train_batch(self, step: int) -> dict:
+        return sample_batch(self.corpus.train, batch_size=self.cfg.batch_size,
+                            seq_len=self.cfg.seq_len, seed=self.cfg.train.seed, step=step)
+
+    def evaluate(self, state: TrainState) -> dict:
+        return evaluate(state, self.eval_data)
+
+    @staticmethod
+    def describe(ev: dict) -> str:
+        return f"held-out loss {ev['eval_loss']:.3f}, {ev['eval_bits_per_byte']:.3f} bits/byte"
+
+    def finish(self, state: TrainState) -> tuple[dict, str]:
+        cfg = self.cfg
+        final = evaluate(state, self._eval_data(4 * cfg.eval_batches))
+        prompts = held_out_prompts(self.corpus, cfg.num_samples, min(48, cfg.model.max_len // 2))
+        if prompts:
+            new = min(cfg.sample_tokens, cfg.model.max_len - max(len(p) for p in prompts) + 1)
+            print("\nsamples (KV cache, top-k 10, temperature 0.8), held-out prompt ⟶ continuation:")
+            for text in sample_texts(state, prompts, new, jax.random.fold_in(state.key, cfg.steps)):
+                print("-" * 80 + "\n" + text)
+            speed = decode_speed(state, prompts[0], new)
+            print("-" * 80)
+            print(f"decode speed, batch 1, {new} new tokens: cached {speed['cached']:,.0f} tok/s, "
+                  f"uncached {speed['uncached']:,.0f} tok/s ({speed['speedup']:.1f}x)")
+        return final, f"held-out bits/byte: {final['eval_bits_per_byte']:.4f}"
+
+
+def translate_dates(state: TrainState, sources: list[str], source_len: int) -> list[str]:
+    """Greedy KV-cache decoding of date strings with the encoder-decoder: texts -> texts."""
+    batch = dates.encode_pairs([(s, "0000-00-00") for s in sources], source_len=source_len,
+                               target_len=dates.TARGET_BYTES)
+    prompts = np.full((len(sources), 1), TOKENIZER.bos_id, np.int32)
+    result = generate(state.params, state.model_config, prompts, source=batch["source"],
+                      source_lengths=batch["source_lengths"], max_new_tokens=dates.TARGET_BYTES + 1,
+                      eos_id=TOKENIZER.eos_id, pad_id=TOKENIZER.pad_id)
+    return [TOKENIZER.decode(np.asarray(t)) for t in result.tokens]
+
+
+class DatesTask:
+    """Date normalisation (English and Korean forms -> ISO 8601); scored in held-out exact match."""
+
+    def __init__(self, cfg: Seq2SeqRunConfig):
+        self.cfg = cfg
+        print(f"data: dates task, {len(dates.DATE_FORMATS)} formats, held-out dates never trained on")
+        self.eval_batch = self._batch("held_out", step=0, batch_size=cfg.batch_size * cfg.eval_batches)
+
+    def _batch(self, split: str, step: int, batch_size: int) -> dict:
+        return dates.sample_batch(batch_size=batch_size, split=split, seed=self.cfg.train.seed,
+                                  step=step, source_len=self.cfg.seq_len, target_len=dates.TARGET_BYTES)
+
+    def train_batch(self, step: int) -> dict:
+        return self._batch("train", step, self.cfg.batch_size)
+
+    def exact_match(self, state: TrainState, n: int) -> tuple[float, list[tuple[str, str, str]]]:
+        pairs = dates.sample_pairs(n, split="held_out", seed=self.cfg.train.seed + 1)
+        outputs = []
+        for i in range(0, n, 256):  # fixed-size chunks: one compiled decode program
+            chunk = pairs[i : i + 256]
+            chunk = chunk + [chunk[-1]] * (256 - len(chunk))
+            outputs += translate_dates(state, [src for src, _ in chunk], self.cfg.seq_len)
+        rows = [(src, tgt, out) for (src, tgt), out in zip(pairs, outputs)]
+        return sum(tgt == out for _, tgt, out in rows) / n, rows
+
+    def evaluate(self, state: TrainState) -> dict:
+        ev = evaluate(state, [self.eval_batch])
+        ev["eval_exact_match"], _ = self.exact_match(state, self.cfg.eval_examples)
+        return ev
+
+    @staticmethod
+    def describe(ev: dict) -> str:
+        return f"held-out loss {ev['eval_loss']:.4f}, exact match {100 * ev['eval_exact_match']:.2f}%"
+
+    def finish(self, state: TrainState) -> tuple[dict, str]:
+        final = evaluate(state, [self.eval_batch])
+        final["eval_exact_match"], rows = self.exact_match(state, 4 * self.cfg.eval_examples)
+        print(f"\nheld-out translations (KV cache, greedy), {len(rows)} dates:")
+        shown = rows[: self.cfg.num_samples]
+        wrong = [r for r in rows[self.cfg.num_samples :] if r[1] != r[2]]
+        for src, tgt, out in shown + wrong[:5]:
+            print(f"  {src!r:36} -> {out!r:14} {'ok' if out == tgt else 'WRONG, expected ' + repr(tgt)}")
+        return final, f"held-out exact match: {100 * final['eval_exact_match']:.2f}%"
+
+
 def run(cfg: RunConfig) -> dict:
     """Trains, evaluates, checkpoints and samples; returns the final held-out metrics."""
     validate(cfg)
-    corpus = load_corpus(cfg)
+    task = DatesTask(cfg) if isinstance(cfg.model, Seq2SeqConfig) else LMTask(cfg)
     out = pathlib.Path(cfg.runs_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     ckpt_dir = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
-    print(f"data: {corpus.name}: {len(corpus.train):,} train / {len(corpus.held_out):,} held-out tokens "
-          f"({len(corpus.train_files)} / {len(corpus.held_out_files)} files)")
 
     state = create_train_state(cfg.model, cfg.train, jax.random.key(cfg.train.seed))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -209,49 +340,31 @@ def run(cfg: RunConfig) -> dict:
     elif not cfg.resume and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh curve
 
-    eval_data = eval_batches(corpus.held_out, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                             max_batches=cfg.eval_batches)
     log = report.MetricsLog(metrics_path)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", dynamic_ncols=True)
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_tokens = time.perf_counter(), []
     for step in bar:
-        batch = sample_batch(corpus.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                             seed=cfg.train.seed, step=step)
-        state, metrics = train_step(state, batch)
-        window_steps += 1
+        state, metrics = train_step(state, task.train_batch(step))
+        window_tokens.append(metrics["tokens"])  # a device scalar: no wait here
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-            tok_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
-            window_start, window_steps = time.perf_counter(), 0
+            tok_s = sum(float(t) for t in window_tokens) / (time.perf_counter() - window_start)
+            window_start, window_tokens = time.perf_counter(), []
             log.log(done, **metrics, tokens_per_s=tok_s)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
         if done % cfg.eval_every == 0 and done != cfg.steps:
-            ev = evaluate(state, eval_data)
+            ev = task.evaluate(state)
             log.log(done, **ev)
-            bar.write(f"step {done}: held-out loss {ev['eval_loss']:.3f}, {ev['eval_bits_per_byte']:.3f} bits/byte")
+            bar.write(f"step {done}: {task.describe(ev)}")
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             checkpoint.save(ckpt_dir, state, done, keep=cfg.keep_checkpoints)
     bar.close()
 
-    final_data = eval_batches(corpus.held_out, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                              max_batches=4 * cfg.eval_batches)
-    final = evaluate(state, final_data)
+    final, final_line = task.finish(state)
     log.log(cfg.steps, **final)
     log.close()
     report.plot_loss_curve(metrics_path, out / "loss.png", title=f"jaxdec {cfg.name}")
-
-    prompts = held_out_prompts(corpus, cfg.num_samples, min(48, cfg.model.max_len // 2))
-    if prompts:
-        new = min(cfg.sample_tokens, cfg.model.max_len - max(len(p) for p in prompts) + 1)
-        print("\nsamples (KV cache, top-k 10, temperature 0.8), held-out prompt ⟶ continuation:")
-        for text in sample_texts(state, prompts, new, jax.random.fold_in(state.key, cfg.steps)):
-            print("-" * 80 + "\n" + text)
-        speed = decode_speed(state, prompts[0], new)
-        print("-" * 80)
-        print(f"decode speed, batch 1, {new} new tokens: cached {speed['cached']:,.0f} tok/s, "
-              f"uncached {speed['uncached']:,.0f} tok/s ({speed['speedup']:.1f}x)")
     print(f"metrics: {metrics_path}; loss curve: {out / 'loss.png'}")
-    print(f"held-out bits/byte: {final['eval_bits_per_byte']:.4f}")
+    print(final_line)
     return final

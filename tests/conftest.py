@@ -47,6 +47,12 @@ def decoder_config(request) -> DecoderConfig:
     return request.param
 
 
+@pytest.fixture(params=["learned", "sinusoidal_gelu", "rope_gqa"])
+def position_config(request) -> DecoderConfig:
+    """One config per position type (learned, sinusoidal, RoPE)."""
+    return DECODER_CONFIGS[request.param]
+
+
 @pytest.fixture
 def base_config() -> DecoderConfig:
     """The GPT-2-style tiny config used where one config suffices."""
