@@ -1,6 +1,7 @@
 """jaxdec: small, fast, correct JAX Transformer decoders."""
 
 from jaxdec.api import forward, forward_checked, init_params
+from jaxdec.beam import beam_search
 from jaxdec.cache import KVCache
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.decode import DecodeState, GenerateResult, generate
@@ -20,6 +21,7 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "create_train_state",
+    "beam_search",
     "eval_step",
     "forward",
     "forward_checked",

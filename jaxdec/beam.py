@@ -1,0 +1,210 @@
+"""Beam search as one jitted `lax.scan` with fixed shapes, over the same prefill and cached step
+functions as sampling.
+
+Each example keeps W running beams (summed log-probabilities) and a set of W finished
+hypotheses scored `sum_logprob / length ** length_penalty` (length = generated tokens, the eos
+included). Per step, the 2W best continuations of all running beams are ranked: an eos among the
+top W finishes a hypothesis, the W best non-eos continuations keep running, and at the last step
+every top-W continuation finishes. An example stops (keeps its finished set) once it has W
+finished hypotheses and, with early_stopping, at once; otherwise when no running beam can still
+beat its worst finished one. These are Hugging Face's `generate(num_beams=W)` rules, so the two
+give the same tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec import api, model, seq2seq
+from jaxdec.cache import KVCache
+from jaxdec.config import Seq2SeqConfig
+from jaxdec.decode import GenerateResult, _check_generate_args, _pad_to, right_align
+from jaxdec.sampling import Greedy
+
+NEG_INF = -1.0e9  # finite "impossible" score: keeps arithmetic NaN-free
+
+
+def _select_rows(cache, rows: jax.Array):
+    """Reorders the batch rows of a decode cache (KVCache or Seq2SeqCache) by rows int32 [R]."""
+    if isinstance(cache, seq2seq.Seq2SeqCache):
+        return cache.replace(self_kv=_select_rows(cache.self_kv, rows))
+    assert isinstance(cache, KVCache)
+    return cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], starts=cache.starts[rows])
+
+
+def _repeat_rows(tree, n: int):
+    """Repeats every example n times along the batch axis of a decode cache: B -> B * n."""
+    if isinstance(tree, seq2seq.Seq2SeqCache):
+        cross = None if tree.cross is None else tree.cross.repeat(n)
+        return tree.replace(self_kv=_repeat_rows(tree.self_kv, n), cross=cross)
+    return tree.replace(k=jnp.repeat(tree.k, n, axis=1), v=jnp.repeat(tree.v, n, axis=1),
+                        starts=jnp.repeat(tree.starts, n, axis=0))
+
+
+@flax.struct.dataclass
+class BeamState:
+    """Loop carry. B examples x W beams; N = max_new_tokens.
+
+    cache: decode cache of B * W rows; running_tokens int32 [B, W, N]; running_scores float32
+    [B, W] (summed log-probs); finished_tokens int32 [B, W, N]; finished_scores float32 [B, W]
+    (length-normalised, NEG_INF where empty); finished_lengths int32 [B, W]; done bool [B].
+    """
+
+    cache: object
+    running_tokens: jax.Array
+    running_scores: jax.Array
+    finished_tokens: jax.Array
+    finished_scores: jax.Array
+    finished_lengths: jax.Array
+    done: jax.Array
+
+
+def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, eos_id, pad_id,
+                 length_penalty: float, early_stopping: bool, max_new_tokens: int):
+    """Ranks continuations for new-token index t; returns the new state and the parent rows.
+
+    log_probs: float32 [B, W, V] of each running beam's next token.
+    """
+    B, W, V = log_probs.shape
+    N = max_new_tokens
+    candidates = (state.running_scores[:, :, None] + log_probs).reshape(B, W * V)
+    top_scores, top_ids = jax.lax.top_k(candidates, 2 * W)  # [B, 2W], best first
+    parents = top_ids // V  # [B, 2W] beam index
+    tokens = (top_ids % V).astype(jnp.int32)
+    seqs = jnp.take_along_axis(state.running_tokens, parents[:, :, None], axis=1)  # [B, 2W, N]
+    seqs = jax.lax.dynamic_update_slice_in_dim(seqs, tokens[:, :, None], t, axis=2)
+
+    # Finishing: an eos among the top W (or any top-W continuation at the last step).
+    is_eos = tokens == eos_id
+    last = t == N - 1
+    finishing = (is_eos | last) & (jnp.arange(2 * W)[None, :] < W) & ~state.done[:, None]
+    length = (t + 1).astype(jnp.float32) if isinstance(t, jax.Array) else float(t + 1)
+    new_scores = jnp.where(finishing, top_scores / length**length_penalty, NEG_INF)
+    all_scores = jnp.concatenate([state.finished_scores, new_scores], axis=1)  # [B, 3W]
+    all_tokens = jnp.concatenate([state.finished_tokens, seqs], axis=1)
+    all_lengths = jnp.concatenate(
+        [state.finished_lengths, jnp.full((B, 2 * W), 0, jnp.int32) + (t + 1)], axis=1)
+    fin_scores, fin_idx = jax.lax.top_k(all_scores, W)
+    fin_tokens = jnp.take_along_axis(all_tokens, fin_idx[:, :, None], axis=1)
+    fin_lengths = jnp.take_along_axis(all_lengths, fin_idx, axis=1)
+
+    # Running: the W best continuations that are not eos.
+    run_scores, run_idx = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_scores), W)
+    run_tokens = jnp.take_along_axis(seqs, run_idx[:, :, None], axis=1)
+    run_parents = jnp.take_along_axis(parents, run_idx, axis=1)  # [B, W]
+
+    # Stop rule, per example.
+    full = fin_scores[:, -1] > NEG_INF / 2  # W finished hypotheses
+    if early_stopping:
+        done = state.done | full
+    else:
+        best_possible = run_scores[:, 0] / length**length_penalty
+        done = state.done | (full & (fin_scores[:, -1] >= best_possible))
+    new = BeamState(
+        cache=state.cache,
+        running_tokens=run_tokens,
+        running_scores=run_scores,
+        finished_tokens=fin_tokens,
+        finished_scores=fin_scores,
+        finished_lengths=fin_lengths,
+        done=done,
+    )
+    rows = (jnp.arange(B)[:, None] * W + run_parents).reshape(B * W)
+    return new, rows, run_tokens[:, :, t].reshape(B * W)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "beam_size", "max_new_tokens", "capacity", "length_penalty",
+                     "early_stopping"),
+)
+def _beam_search(params, config, prompts, lengths, source, source_lengths, eos_id, pad_id, *,
+                 beam_size, max_new_tokens, capacity, length_penalty, early_stopping):
+    B, W, N = prompts.shape[0], beam_size, max_new_tokens
+    tokens, starts = right_align(prompts, lengths, capacity - max_new_tokens)
+    if isinstance(config, Seq2SeqConfig):
+        logits, cache = seq2seq.prefill(params, config, tokens, starts, capacity, source, source_lengths)
+        step = seq2seq.decode_step
+    else:
+        logits, cache = model.prefill(params, config, tokens, starts, capacity)
+        step = model.decode_step
+    state = BeamState(
+        cache=_repeat_rows(cache, W),
+        running_tokens=jnp.full((B, W, N), pad_id, jnp.int32),
+        # Only beam 0 is live at first, so the W beams do not start as W copies.
+        running_scores=jnp.tile(jnp.array([0.0] + [NEG_INF] * (W - 1), jnp.float32), (B, 1)),
+        finished_tokens=jnp.full((B, W, N), pad_id, jnp.int32),
+        finished_scores=jnp.full((B, W), NEG_INF, jnp.float32),
+        finished_lengths=jnp.zeros((B, W), jnp.int32),
+        done=jnp.zeros((B,), bool),
+    )
+    log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    log_probs = jnp.broadcast_to(log_probs[:, None], (B, W, log_probs.shape[-1]))
+    update = functools.partial(_beam_update, eos_id=eos_id, pad_id=pad_id, length_penalty=length_penalty,
+                               early_stopping=early_stopping, max_new_tokens=N)
+    state, rows, last_tokens = update(state, log_probs, 0)
+    positions = jnp.repeat(lengths, W)
+
+    def body(carry, t):
+        state, rows, last_tokens = carry
+        cache = _select_rows(state.cache, rows)
+        logits, cache = step(params, config, cache, last_tokens, positions + t - 1)
+        log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(B, W, -1)
+        state, rows, last_tokens = update(state.replace(cache=cache), log_probs, t)
+        return (state, rows, last_tokens), None
+
+    (state, _, _), _ = jax.lax.scan(body, (state, rows, last_tokens), jnp.arange(1, N))
+    best = state.finished_tokens[:, 0]  # [B, N]
+    best_len = state.finished_lengths[:, 0]
+    best = jnp.where(jnp.arange(N)[None, :] < best_len[:, None], best, pad_id)
+    return GenerateResult(tokens=best, lengths=best_len, logits=None), state.finished_scores[:, 0]
+
+
+def beam_search(
+    params,
+    config,
+    prompts,
+    prompt_lengths=None,
+    *,
+    source=None,
+    source_lengths=None,
+    beam_size: int,
+    max_new_tokens: int,
+    length_penalty: float = 1.0,
+    early_stopping: bool = False,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    capacity: int | None = None,
+) -> tuple[GenerateResult, jax.Array]:
+    """The best of `beam_size` beams per example, as Hugging Face's num_beams search.
+
+    Args: as `generate` (prompts int32 [B, P], prompt_lengths, source/source_lengths for a
+      Seq2SeqConfig), plus beam_size W >= 1, length_penalty (exponent of the length in the score
+      normalisation; > 0 favours longer outputs), early_stopping (stop an example as soon as W
+      hypotheses have finished).
+
+    Returns:
+      GenerateResult(tokens int32 [B, max_new_tokens] (pad_id after the hypothesis), lengths
+      int32 [B]) and the best hypotheses' scores float32 [B].
+    """
+    api.check_config(config)
+    if not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}")
+    if beam_size * 2 > config.vocab_size:
+        raise ValueError(f"beam_size {beam_size} needs 2 * beam_size <= vocab_size={config.vocab_size}")
+    lengths, capacity = _check_generate_args(config, prompts, prompt_lengths, max_new_tokens,
+                                             capacity, Greedy(), None)
+    source_lengths = api.check_source(config, source, source_lengths)
+    if source is not None:
+        source = jnp.asarray(source, jnp.int32)
+    return _beam_search(
+        params, config, _pad_to(prompts, capacity - max_new_tokens), jnp.asarray(lengths, jnp.int32),
+        source, source_lengths, jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
+        jnp.asarray(pad_id, jnp.int32), beam_size=beam_size, max_new_tokens=max_new_tokens,
+        capacity=capacity, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
+    )
