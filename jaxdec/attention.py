@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def causal_mask(query_len: int, key_len: int | None = None, offset: int | jax.Array = 0) -> jax.Array:
@@ -54,21 +55,46 @@ def decoder_self_mask(lengths: jax.Array, query_len: int) -> jax.Array:
     return combine_masks(causal_mask(query_len)[None], padding_mask(lengths, query_len)[:, None, :])
 
 
-def safe_softmax(scores: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Softmax over the last axis of `jnp.where(mask, scores, -inf)`.
-
-    A row with no allowed key gives all zeros instead of NaN, and its gradient is zero rather than
-    NaN: the row max is replaced by 0 where it is -inf, and the denominator by 1 where it is 0.
-    Computed in float32 whatever the input dtype, for a stable normaliser.
-    """
-    scores = scores.astype(jnp.float32)
-    if mask is not None:
-        scores = jnp.where(mask, scores, -jnp.inf)
+@jax.custom_vjp
+def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax of float32 scores over the last axis where mask is True; rows with no allowed key
+    are zeros. The row max is replaced by 0 where it is -inf and the denominator by 1 where it
+    is 0, so no NaN arises."""
+    scores = jnp.where(mask, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     unnormalised = jnp.exp(scores - row_max)  # exp(-inf) = 0 for masked keys
     denom = jnp.sum(unnormalised, axis=-1, keepdims=True)
     return unnormalised / jnp.where(denom > 0, denom, 1.0)
+
+
+def _masked_softmax_fwd(scores, mask):
+    probs = _masked_softmax(scores, mask)
+    return probs, (probs, mask.shape)
+
+
+def _masked_softmax_bwd(residuals, g):
+    # The softmax Jacobian-vector product p * (g - <g, p>): zero wherever p is zero (masked keys,
+    # fully masked rows), so the gradient is finite and never flows into masked scores.
+    probs, mask_shape = residuals
+    d_scores = probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True))
+    return d_scores, np.zeros(mask_shape, jax.dtypes.float0)
+
+
+_masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
+def safe_softmax(scores: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax over the last axis of `jnp.where(mask, scores, -inf)`, in float32.
+
+    A row with no allowed key gives all zeros instead of NaN, and its gradient is zero rather
+    than NaN. The backward pass is the closed-form softmax VJP (one fused elementwise pass), not
+    autodiff through the masking arithmetic.
+    """
+    scores = scores.astype(jnp.float32)
+    if mask is None:
+        return jax.nn.softmax(scores, axis=-1)
+    return _masked_softmax(scores, mask)
 
 
 def attend(

@@ -53,6 +53,12 @@ def position_config(request) -> DecoderConfig:
     return DECODER_CONFIGS[request.param]
 
 
+@pytest.fixture(scope="session")
+def decoder_configs() -> dict[str, DecoderConfig]:
+    """All tiny configs by name, for tests that parametrize over a subset by name."""
+    return DECODER_CONFIGS
+
+
 @pytest.fixture
 def base_config() -> DecoderConfig:
     """The GPT-2-style tiny config used where one config suffices."""

@@ -1,0 +1,350 @@
+"""Tests for jaxdec.decode: cached logits == full forward at every step, cached == uncached,
+a padded row == the example alone, eos stopping, sampler keys, no recompilation, and host
+validation of every bad input before any compute."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec import api, decode
+from jaxdec.config import DecoderConfig
+from jaxdec.sampling import Greedy, Temperature, TopK, TopP
+
+# A padded batch of mixed prompt lengths (right-padded with a junk id, not 0, to prove padding
+# is ignored). Full sequences are P + MAX_NEW - 1 = 10 long: the forward shape of test_model.py.
+PROMPTS = np.array(
+    [
+        [3, 14, 15, 9, 26],
+        [5, 35, 30, 30, 30],
+        [8, 9, 7, 30, 30],
+    ],
+    np.int32,
+)
+PROMPT_LENGTHS = np.array([5, 2, 3], np.int32)
+B, P = PROMPTS.shape
+MAX_NEW = 6
+
+
+def gen(params, config, prompts=PROMPTS, lengths=PROMPT_LENGTHS, **kwargs):
+    """generate() with this file's defaults (one compiled program shared by most tests)."""
+    kwargs.setdefault("max_new_tokens", MAX_NEW)
+    kwargs.setdefault("return_logits", True)
+    return jaxdec.generate(params, config, prompts, lengths, **kwargs)
+
+
+def full_sequences(tokens):
+    """Each prompt's real tokens followed by its generated tokens (all but the last, which is never
+    fed back), right-padded: int32 [B, P + MAX_NEW - 1] and the lengths [B]."""
+    seqs = np.zeros((B, P + MAX_NEW - 1), np.int32)
+    for b, n in enumerate(PROMPT_LENGTHS):
+        seqs[b, : n + MAX_NEW - 1] = np.concatenate([PROMPTS[b, :n], np.asarray(tokens)[b, :-1]])
+    return seqs, PROMPT_LENGTHS + MAX_NEW - 1
+
+
+def assert_result_shapes(result, batch, max_new, vocab_size):
+    chex.assert_shape(result.tokens, (batch, max_new))
+    chex.assert_shape(result.lengths, (batch,))
+    chex.assert_type([result.tokens, result.lengths], jnp.int32)
+    if result.logits is not None:
+        chex.assert_shape(result.logits, (batch, max_new, vocab_size))
+        chex.assert_type(result.logits, jnp.float32)
+
+
+# --- cached decoding == full forward pass == uncached -----------------------------------------
+
+
+def test_cached_logits_equal_full_forward_at_every_step(decoder_config, params_for):
+    c = decoder_config
+    params = params_for(c)
+    result = gen(params, c)
+    assert_result_shapes(result, B, MAX_NEW, c.vocab_size)
+    np.testing.assert_array_equal(result.lengths, MAX_NEW)  # no eos_id: every example runs to the end
+    # Greedy: each token is the argmax of the logits it was sampled from.
+    np.testing.assert_array_equal(result.tokens, np.argmax(result.logits, -1))
+
+    # One teacher-forcing pass over prompt + generated tokens; logits at position n - 1 + t
+    # predict generated token t, and the causal mask makes them depend on that prefix only.
+    seqs, lengths = full_sequences(result.tokens)
+    full = jaxdec.forward(params, c, seqs, lengths)
+    for b, n in enumerate(PROMPT_LENGTHS):
+        chex.assert_trees_all_close(result.logits[b], full[b, n - 1 : n - 1 + MAX_NEW], atol=1e-5, rtol=0)
+
+
+def test_cached_equals_uncached(decoder_config, params_for):
+    c = decoder_config
+    params = params_for(c)
+    cached = gen(params, c)
+    uncached = gen(params, c, use_cache=False)
+    assert_result_shapes(uncached, B, MAX_NEW, c.vocab_size)
+    np.testing.assert_array_equal(cached.tokens, uncached.tokens)
+    np.testing.assert_array_equal(cached.lengths, uncached.lengths)
+    chex.assert_trees_all_close(cached.logits, uncached.logits, atol=1e-5, rtol=0)
+    # Not a trivially constant output: every step's logits differ from the previous step's.
+    assert np.abs(np.diff(np.asarray(cached.logits), axis=1)).max(-1).min() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["learned", "rope_gqa"])
+def test_padded_row_equals_example_decoded_alone(name, decoder_configs, params_for):
+    c = decoder_configs[name]
+    params = params_for(c)
+    batched = gen(params, c)
+    for b, n in enumerate(PROMPT_LENGTHS):
+        # Alone: batch 1, its own n tokens. The same capacity keeps one compiled program for
+        # the three examples (the two shorter ones are then right-aligned inside it).
+        alone = gen(params, c, prompts=PROMPTS[b : b + 1, :n], lengths=None, capacity=P + MAX_NEW)
+        np.testing.assert_array_equal(batched.tokens[b], alone.tokens[0])
+        chex.assert_trees_all_close(batched.logits[b], alone.logits[0], atol=1e-5, rtol=0)
+    if name == "learned":
+        # ...and with no padding at all, not even inside the cache: width and capacity its own.
+        b, n = 1, PROMPT_LENGTHS[1]
+        alone = gen(params, c, prompts=PROMPTS[b : b + 1, :n], lengths=None)
+        np.testing.assert_array_equal(batched.tokens[b], alone.tokens[0])
+        chex.assert_trees_all_close(batched.logits[b], alone.logits[0], atol=1e-5, rtol=0)
+
+
+def test_padding_contents_do_not_matter(params_for, base_config):
+    params = params_for(base_config)
+    other_pad = np.where(np.arange(P)[None, :] < PROMPT_LENGTHS[:, None], PROMPTS, 0)
+    a, b = gen(params, base_config), gen(params, base_config, prompts=other_pad)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    chex.assert_trees_all_close(a.logits, b.logits, atol=1e-6, rtol=0)
+
+
+class GenerateVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_generate_jit_and_eager_agree(self):
+        c = DecoderConfig(37, 2, 32, 4, 32, init_std=0.4)  # conftest's "learned" config
+        params = jaxdec.init_params(c, jax.random.key(0))
+        expected = gen(params, c)
+        fn = self.variant(lambda params, prompts, lengths: gen(params, c, prompts, lengths))
+        result = fn(params, jnp.asarray(PROMPTS), jnp.asarray(PROMPT_LENGTHS))
+        assert_result_shapes(result, B, MAX_NEW, c.vocab_size)
+        np.testing.assert_array_equal(result.tokens, expected.tokens)
+        np.testing.assert_array_equal(result.lengths, expected.lengths)
+        chex.assert_trees_all_close(result.logits, expected.logits, atol=1e-5, rtol=0)
+
+
+# --- eos --------------------------------------------------------------------------------------
+
+
+def test_eos_stops_each_example_and_pads(params_for, base_config):
+    params = params_for(base_config)
+    free = gen(params, base_config)  # greedy, no eos
+    eos = int(free.tokens[0, 2])  # row 0 emits it at step 2 (or earlier)
+    pad = 36 if eos != 36 else 35
+    hits = [np.flatnonzero(np.asarray(free.tokens[b]) == eos) for b in range(B)]
+    first = [int(h[0]) if h.size else None for h in hits]
+    assert first[0] is not None and first[0] <= 2
+    assert None in first, "want at least one row that never emits eos; pick another step"
+
+    result = gen(params, base_config, eos_id=eos, pad_id=pad)
+    assert_result_shapes(result, B, MAX_NEW, base_config.vocab_size)
+    for b in range(B):
+        if first[b] is None:  # never stops: identical to the free run, full length
+            np.testing.assert_array_equal(result.tokens[b], free.tokens[b])
+            assert int(result.lengths[b]) == MAX_NEW
+        else:
+            stop = first[b] + 1  # tokens up to and including the eos
+            np.testing.assert_array_equal(result.tokens[b, :stop], free.tokens[b, :stop])
+            assert int(result.tokens[b, stop - 1]) == eos
+            np.testing.assert_array_equal(result.tokens[b, stop:], pad)
+            assert int(result.lengths[b]) == stop
+            chex.assert_trees_all_close(result.logits[b, :stop], free.logits[b, :stop], atol=1e-6, rtol=0)
+
+
+V_FAKE = 11
+
+
+def _fake_step(params, cache, tokens, positions):
+    """A deterministic stand-in model: the next token is (token + position) % V; the 'cache'
+    counts the calls."""
+    del params
+    return jax.nn.one_hot((tokens + positions) % V_FAKE, V_FAKE) * 5.0, cache + 1
+
+
+def _simulate(first, positions, max_new, eos, pad):
+    """Plain-Python statement of the decode loop's contract for _fake_step."""
+    tokens, lengths = [], []
+    for t, pos in zip(first, positions):
+        seq, done = [t], t == eos
+        for _ in range(max_new - 1):
+            nxt = (t + pos) % V_FAKE
+            pos += 1
+            t = pad if done else nxt
+            seq.append(t)
+            done = done or t == eos
+        tokens.append(seq)
+        lengths.append(seq.index(eos) + 1 if eos in seq else max_new)
+    return np.array(tokens), np.array(lengths)
+
+
+@pytest.mark.parametrize(
+    "max_new, eos",
+    [(6, None), (6, 9), (6, 7), (1, None), (1, 7)],
+    ids=["no_eos", "eos_midway", "eos_first_token", "one_token", "one_token_eos"],
+)
+def test_decode_loop_with_fake_step(max_new, eos):
+    first = [2, 7, 4]
+    positions = [3, 1, 5]
+    pad = 10
+    first_logits = jax.nn.one_hot(jnp.array(first), V_FAKE) * 5.0
+    result = decode.decode_loop(
+        _fake_step, None, jnp.int32(0), first_logits, jnp.array(positions, jnp.int32),
+        sampler=Greedy(), key=jax.random.key(0), max_new_tokens=max_new,
+        eos_id=jnp.int32(-1 if eos is None else eos), pad_id=jnp.int32(pad), return_logits=True,
+    )
+    tokens, lengths = _simulate(first, positions, max_new, -1 if eos is None else eos, pad)
+    assert_result_shapes(result, 3, max_new, V_FAKE)
+    np.testing.assert_array_equal(result.tokens, tokens)
+    np.testing.assert_array_equal(result.lengths, lengths)
+    chex.assert_trees_all_close(result.logits[:, 0], first_logits, atol=0, rtol=0)
+    if eos == 9:  # the case with different stopping steps per row, spelled out
+        np.testing.assert_array_equal(
+            result.tokens, [[2, 5, 9, pad, pad, pad], [7, 8, 10, 2, 6, 0], [4, 9, pad, pad, pad, pad]]
+        )
+        np.testing.assert_array_equal(result.lengths, [3, 6, 2])
+
+
+def test_right_align_by_hand():
+    tokens, starts = decode.right_align(jnp.array([[1, 2, 3], [4, 9, 9]]), jnp.array([3, 1]), 5)
+    np.testing.assert_array_equal(tokens, [[0, 0, 1, 2, 3], [0, 0, 0, 0, 4]])
+    np.testing.assert_array_equal(starts, [2, 4])
+
+
+# --- samplers inside generate -----------------------------------------------------------------
+
+SAMPLERS = [Temperature(1.5), TopK(4), TopP(0.9)]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: type(s).__name__)
+def test_generate_same_key_same_samples_different_keys_differ(sampler, params_for, base_config):
+    params = params_for(base_config)
+    runs = [gen(params, base_config, sampler=sampler, key=jax.random.key(seed)) for seed in (1, 1, 2, 3)]
+    np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
+    chex.assert_trees_all_close(runs[0].logits, runs[1].logits, atol=0, rtol=0)
+    # 18 draws per run from a spread-out distribution: equal runs for distinct keys would mean
+    # the key is ignored (their chance is astronomically small for a working sampler).
+    distinct = {np.asarray(r.tokens).tobytes() for r in runs[1:]}
+    assert len(distinct) == 3
+    # Every drawn token is admissible under its own logits.
+    for r in runs:
+        logits, tokens = np.asarray(r.logits), np.asarray(r.tokens)
+        if isinstance(sampler, TopK):
+            kth = np.sort(logits, -1)[..., -sampler.k]
+            assert (np.take_along_axis(logits, tokens[..., None], -1)[..., 0] >= kth).all()
+        if isinstance(sampler, TopP):
+            probs = jax.nn.softmax(logits / sampler.temperature, axis=-1)
+            chosen = np.take_along_axis(np.asarray(probs), tokens[..., None], -1)
+            mass_before = np.where(probs > chosen, probs, 0.0).sum(-1)  # strictly more likely tokens
+            assert (mass_before < sampler.p + 1e-6).all()
+
+
+def test_generate_greedy_ignores_key(params_for, base_config):
+    params = params_for(base_config)
+    runs = [gen(params, base_config, key=k) for k in (None, jax.random.key(1), jax.random.key(2))]
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r.tokens, runs[0].tokens)
+        chex.assert_trees_all_close(r.logits, runs[0].logits, atol=0, rtol=0)
+
+
+# --- compilation ------------------------------------------------------------------------------
+
+
+def test_no_recompilation_across_prompts(params_for, base_config):
+    params = params_for(base_config)
+    compiled = decode._generate._cache_size
+    rng = np.random.default_rng(0)
+
+    # Same padded width, different lengths, contents, eos/pad ids, keys and array types.
+    gen(params, base_config)
+    before = compiled()
+    gen(params, base_config, lengths=np.array([1, 5, 4], np.int32))
+    gen(params, base_config, prompts=rng.integers(0, 37, (B, P)), lengths=np.array([2, 2, 2], np.int64))
+    gen(params, base_config, prompts=jnp.asarray(PROMPTS), lengths=jnp.asarray([5, 5, 1]), eos_id=4, pad_id=7)
+    gen(params, base_config, key=jax.random.key(9), eos_id=np.int32(3))
+    assert compiled() == before
+
+    # A fixed capacity (used by no other test): one compilation for prompts of any width.
+    capacity = 13
+    before = compiled()
+    for width in (1, 3, 5, 9):
+        prompts = rng.integers(0, 37, (B, width)).astype(np.int32)
+        lengths = rng.integers(1, width + 1, B).astype(np.int32)
+        result = jaxdec.generate(params, base_config, prompts, lengths, max_new_tokens=4, capacity=capacity)
+        assert_result_shapes(result, B, 4, base_config.vocab_size)
+        assert compiled() == before + 1  # the first width compiles (the counter works), no other
+    # Equal sampler objects share the program too.
+    for _ in range(2):
+        gen(params, base_config, sampler=Temperature(1.5), key=jax.random.key(0))
+    n = compiled()
+    gen(params, base_config, sampler=Temperature(1.5), key=jax.random.key(5))
+    assert compiled() == n
+
+
+def test_forward_does_not_recompile_for_new_lengths(params_for, base_config):
+    params = params_for(base_config)
+    seqs = np.tile(np.arange(10, dtype=np.int32), (B, 1))
+    jaxdec.forward(params, base_config, seqs, np.array([10, 7, 8], np.int32))
+    before = api._apply_jit._cache_size()
+    jaxdec.forward(params, base_config, seqs + 1, np.array([1, 0, 10], np.int32))
+    jaxdec.forward(params, base_config, seqs, jnp.array([3, 3, 3]))
+    jaxdec.forward(params, base_config, seqs, None)
+    assert api._apply_jit._cache_size() == before
+
+
+# --- validation -------------------------------------------------------------------------------
+
+_BAD = {
+    "id_negative": dict(prompts=np.where(PROMPTS == 15, -1, PROMPTS)),
+    "id_equals_vocab": dict(prompts=np.where(PROMPTS == 26, 37, PROMPTS)),
+    "id_too_large": dict(prompts=PROMPTS * 100),
+    "empty_width": dict(prompts=np.zeros((B, 0), np.int32), lengths=None),
+    "empty_batch": dict(prompts=np.zeros((0, P), np.int32), lengths=np.zeros((0,), np.int32)),
+    "length_zero": dict(lengths=np.array([5, 0, 3], np.int32)),
+    "length_negative": dict(lengths=np.array([5, -1, 3], np.int32)),
+    "length_beyond_width": dict(lengths=np.array([5, 6, 3], np.int32)),
+    "lengths_wrong_batch": dict(lengths=np.array([5, 2], np.int32)),
+    "lengths_rank_2": dict(lengths=PROMPT_LENGTHS[:, None]),
+    "lengths_float": dict(lengths=PROMPT_LENGTHS.astype(np.float32)),
+    "capacity_overflow": dict(capacity=P + MAX_NEW - 1),
+    "capacity_not_int": dict(capacity=float(P + MAX_NEW)),
+    "rank_1_tokens": dict(prompts=PROMPTS[0], lengths=None),
+    "rank_3_tokens": dict(prompts=PROMPTS[..., None], lengths=None),
+    "float_tokens": dict(prompts=PROMPTS.astype(np.float32)),
+    "bool_tokens": dict(prompts=PROMPTS > 5),
+    "max_new_tokens_zero": dict(max_new_tokens=0),
+    "beyond_max_len": dict(max_new_tokens=29),  # prompt 5 + 29 new needs position 32 >= max_len
+    "temperature_without_key": dict(sampler=Temperature(1.0)),
+    "topk_without_key": dict(sampler=TopK(3)),
+    "topp_without_key": dict(sampler=TopP(0.9)),
+    "not_a_sampler": dict(sampler=lambda logits, key: jnp.argmax(logits, -1)),
+}
+
+
+@pytest.mark.parametrize("overrides", _BAD.values(), ids=_BAD.keys())
+def test_generate_rejects_bad_input_before_compute(overrides, params_for, base_config, monkeypatch):
+    def no_compute(*args, **kwargs):
+        raise AssertionError("reached the compiled decode program")
+
+    monkeypatch.setattr(decode, "_generate", no_compute)
+    overrides = dict(overrides)
+    prompts = overrides.pop("prompts", PROMPTS)
+    lengths = overrides.pop("lengths", PROMPT_LENGTHS)
+    with pytest.raises(ValueError):
+        gen(params_for(base_config), base_config, prompts, lengths, **overrides)
+
+
+def test_longest_allowed_generation_passes_validation(params_for, base_config, monkeypatch):
+    # The boundary of "beyond_max_len": 5 + 28 tokens feed positions 0..31 = max_len - 1 (the
+    # last new token is never fed). Stub the compiled program: only the host checks are tested.
+    monkeypatch.setattr(decode, "_generate", lambda *args, **kwargs: "compiled program reached")
+    assert jaxdec.generate(params_for(base_config), base_config, PROMPTS, max_new_tokens=28) == (
+        "compiled program reached"
+    )
+    with pytest.raises(ValueError, match="max_len"):
+        jaxdec.generate(params_for(base_config), base_config, PROMPTS, max_new_tokens=29)
