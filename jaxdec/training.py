@@ -154,7 +154,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     (loss, (count, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     tx = make_optimizer(tc)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {
         "loss": loss,
         "tokens": count,

@@ -299,35 +299,36 @@ def test_forward_does_not_recompile_for_new_lengths(params_for, base_config):
 
 # --- validation -------------------------------------------------------------------------------
 
+# name: (overrides of gen()'s arguments, a word the ValueError must contain)
 _BAD = {
-    "id_negative": dict(prompts=np.where(PROMPTS == 15, -1, PROMPTS)),
-    "id_equals_vocab": dict(prompts=np.where(PROMPTS == 26, 37, PROMPTS)),
-    "id_too_large": dict(prompts=PROMPTS * 100),
-    "empty_width": dict(prompts=np.zeros((B, 0), np.int32), lengths=None),
-    "empty_batch": dict(prompts=np.zeros((0, P), np.int32), lengths=np.zeros((0,), np.int32)),
-    "length_zero": dict(lengths=np.array([5, 0, 3], np.int32)),
-    "length_negative": dict(lengths=np.array([5, -1, 3], np.int32)),
-    "length_beyond_width": dict(lengths=np.array([5, 6, 3], np.int32)),
-    "lengths_wrong_batch": dict(lengths=np.array([5, 2], np.int32)),
-    "lengths_rank_2": dict(lengths=PROMPT_LENGTHS[:, None]),
-    "lengths_float": dict(lengths=PROMPT_LENGTHS.astype(np.float32)),
-    "capacity_overflow": dict(capacity=P + MAX_NEW - 1),
-    "capacity_not_int": dict(capacity=float(P + MAX_NEW)),
-    "rank_1_tokens": dict(prompts=PROMPTS[0], lengths=None),
-    "rank_3_tokens": dict(prompts=PROMPTS[..., None], lengths=None),
-    "float_tokens": dict(prompts=PROMPTS.astype(np.float32)),
-    "bool_tokens": dict(prompts=PROMPTS > 5),
-    "max_new_tokens_zero": dict(max_new_tokens=0),
-    "beyond_max_len": dict(max_new_tokens=29),  # prompt 5 + 29 new needs position 32 >= max_len
-    "temperature_without_key": dict(sampler=Temperature(1.0)),
-    "topk_without_key": dict(sampler=TopK(3)),
-    "topp_without_key": dict(sampler=TopP(0.9)),
-    "not_a_sampler": dict(sampler=lambda logits, key: jnp.argmax(logits, -1)),
+    "id_negative": (dict(prompts=np.where(PROMPTS == 15, -1, PROMPTS)), "token id -1"),
+    "id_equals_vocab": (dict(prompts=np.where(PROMPTS == 26, 37, PROMPTS)), "token id 37"),
+    "id_too_large": (dict(prompts=PROMPTS * 100), "token id"),
+    "empty_width": (dict(prompts=np.zeros((B, 0), np.int32), lengths=None), "non-empty"),
+    "empty_batch": (dict(prompts=np.zeros((0, P), np.int32), lengths=np.zeros((0,), np.int32)), "non-empty"),
+    "length_zero": (dict(lengths=np.array([5, 0, 3], np.int32)), "prompt_lengths"),
+    "length_negative": (dict(lengths=np.array([5, -1, 3], np.int32)), "prompt_lengths"),
+    "length_beyond_width": (dict(lengths=np.array([5, 6, 3], np.int32)), "prompt_lengths"),
+    "lengths_wrong_batch": (dict(lengths=np.array([5, 2], np.int32)), "prompt_lengths"),
+    "lengths_rank_2": (dict(lengths=PROMPT_LENGTHS[:, None]), "prompt_lengths"),
+    "lengths_float": (dict(lengths=PROMPT_LENGTHS.astype(np.float32)), "prompt_lengths"),
+    "capacity_overflow": (dict(capacity=P + MAX_NEW - 1), "capacity"),
+    "capacity_not_int": (dict(capacity=float(P + MAX_NEW)), "capacity"),
+    "rank_1_tokens": (dict(prompts=PROMPTS[0], lengths=None), "prompts"),
+    "rank_3_tokens": (dict(prompts=PROMPTS[..., None], lengths=None), "prompts"),
+    "float_tokens": (dict(prompts=PROMPTS.astype(np.float32)), "prompts"),
+    "bool_tokens": (dict(prompts=PROMPTS > 5), "prompts"),
+    "max_new_tokens_zero": (dict(max_new_tokens=0), "max_new_tokens"),
+    "beyond_max_len": (dict(max_new_tokens=29), "max_len"),  # 5 + 29 new needs position 32
+    "temperature_without_key": (dict(sampler=Temperature(1.0)), "key"),
+    "topk_without_key": (dict(sampler=TopK(3)), "key"),
+    "topp_without_key": (dict(sampler=TopP(0.9)), "key"),
+    "not_a_sampler": (dict(sampler=lambda logits, key: jnp.argmax(logits, -1)), "sampler"),
 }
 
 
-@pytest.mark.parametrize("overrides", _BAD.values(), ids=_BAD.keys())
-def test_generate_rejects_bad_input_before_compute(overrides, params_for, base_config, monkeypatch):
+@pytest.mark.parametrize("overrides, match", _BAD.values(), ids=_BAD.keys())
+def test_generate_rejects_bad_input_before_compute(overrides, match, params_for, base_config, monkeypatch):
     def no_compute(*args, **kwargs):
         raise AssertionError("reached the compiled decode program")
 
@@ -335,8 +336,22 @@ def test_generate_rejects_bad_input_before_compute(overrides, params_for, base_c
     overrides = dict(overrides)
     prompts = overrides.pop("prompts", PROMPTS)
     lengths = overrides.pop("lengths", PROMPT_LENGTHS)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         gen(params_for(base_config), base_config, prompts, lengths, **overrides)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="checks.check_int_array calls jnp.result_type on the raw input, so nested Python lists "
+    "raise TypeError('Cannot determine dtype') instead of being accepted (or rejected with ValueError)",
+)
+def test_generate_accepts_python_lists_or_rejects_them_with_value_error(params_for, base_config):
+    params = params_for(base_config)
+    try:
+        result = gen(params, base_config, PROMPTS.tolist(), PROMPT_LENGTHS.tolist())
+    except ValueError:
+        return
+    np.testing.assert_array_equal(result.tokens, gen(params, base_config).tokens)
 
 
 def test_longest_allowed_generation_passes_validation(params_for, base_config, monkeypatch):

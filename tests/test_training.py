@@ -1,0 +1,171 @@
+"""Teacher-forcing training: loss, padding weights, accumulation, the non-finite guard, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec import checkpoint, training
+
+MC = jaxdec.DecoderConfig(vocab_size=32, num_layers=2, d_model=32, num_heads=4, max_len=32)
+TC = jaxdec.TrainConfig(learning_rate=3e-3, warmup_steps=2, decay_steps=100, weight_decay=0.0)
+
+
+def _batch(key, B=4, T=16, lengths=None):
+    tokens = jax.random.randint(key, (B, T + 1), 0, MC.vocab_size)
+    batch = {"tokens": tokens}
+    if lengths is not None:
+        batch["lengths"] = jnp.asarray(lengths, jnp.int32)
+    return batch
+
+
+def _state(tc=TC, mc=MC):
+    return jaxdec.create_train_state(mc, tc, jax.random.key(0))
+
+
+def test_state_shapes_and_metrics():
+    state = _state()
+    chex.assert_trees_all_equal_shapes(state.params, jaxdec.init_params(MC, jax.random.key(1)))
+    new, metrics = jaxdec.train_step(state, _batch(jax.random.key(1)))
+    assert int(new.step) == 1
+    for name in ("loss", "tokens", "accuracy", "grad_norm", "learning_rate", "skipped"):
+        chex.assert_shape(metrics[name], ())
+    assert float(metrics["tokens"]) == 4 * 16
+
+
+def test_loss_is_mean_per_real_target_token():
+    """metrics["loss"] equals an independent cross-entropy over the real targets only."""
+    state = _state()
+    batch = _batch(jax.random.key(2), lengths=[17, 9, 2, 12])
+    logits = jaxdec.forward(state.params, MC, batch["tokens"][:, :-1], jnp.minimum(batch["lengths"], 16))
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    tokens, lengths = np.asarray(batch["tokens"]), np.asarray(batch["lengths"])
+    losses = [-logp[b, t, tokens[b, t + 1]] for b in range(4) for t in range(16) if t + 1 < lengths[b]]
+    _, metrics = jaxdec.train_step(_state(), batch)
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+    assert float(metrics["tokens"]) == len(losses)
+
+
+def test_loss_halves_on_a_fixed_batch():
+    state = _state()
+    batch = _batch(jax.random.key(3))
+    first = None
+    for _ in range(40):
+        state, metrics = jaxdec.train_step(state, batch)
+        first = float(metrics["loss"]) if first is None else first
+    assert float(metrics["loss"]) < first / 2, (first, float(metrics["loss"]))
+
+
+def test_padding_weights_exclude_padding():
+    """Changing the tokens in padded positions changes neither the loss nor the gradients."""
+    batch = _batch(jax.random.key(4), lengths=[17, 5, 11, 1])
+    tokens = np.asarray(batch["tokens"]).copy()
+    for b, n in enumerate([17, 5, 11, 1]):
+        tokens[b, n:] = (tokens[b, n:] + 7) % MC.vocab_size
+    other = {**batch, "tokens": jnp.asarray(tokens)}
+    s1, m1 = jaxdec.train_step(_state(), batch)
+    s2, m2 = jaxdec.train_step(_state(), other)
+    assert float(m1["loss"]) == float(m2["loss"])
+    chex.assert_trees_all_close(s1.params, s2.params, atol=0, rtol=0)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """k micro-batches through optax.MultiSteps == one batch of k times the size (fp32, 1e-6)."""
+    k = 4
+    acc_state = _state(dataclasses.replace(TC, grad_accum_steps=k))
+    big_state = _state()
+    for update in range(2):  # the warmup's first learning rate is 0: take two updates
+        big = _batch(jax.random.key(5 + update), B=8)
+        for i in range(k):
+            acc_state, _ = jaxdec.train_step(acc_state, {"tokens": big["tokens"][2 * i : 2 * i + 2]})
+        big_state, _ = jaxdec.train_step(big_state, big)
+    chex.assert_trees_all_close(acc_state.params, big_state.params, atol=1e-6, rtol=1e-5)
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), acc_state.params,
+                                         _state().params)), "params must have moved"
+
+
+def test_non_finite_gradient_skips_the_update():
+    state = _state()
+    state, _ = jaxdec.train_step(state, _batch(jax.random.key(6)))
+    poisoned = jax.tree.map(lambda x: x, state.params)
+    poisoned["embed"] = poisoned["embed"].at[0, 0].set(jnp.inf)
+    bad_state = state.replace(params=poisoned)
+    # Host copies: the step donates the state's buffers.
+    params_before = jax.tree.map(np.asarray, bad_state.params)
+    moments_before = jax.tree.map(np.asarray, bad_state.opt_state.inner_state)
+    new, metrics = jaxdec.train_step(bad_state, _batch(jax.random.key(7)))
+    assert float(metrics["skipped"]) == 1.0
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, new.params), params_before)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, new.opt_state.inner_state), moments_before)
+    assert int(new.opt_state.notfinite_count) == 1
+
+
+def test_eval_step_metrics():
+    state = _state()
+    batch = _batch(jax.random.key(8), lengths=[17, 3, 9, 17])
+    ev = jaxdec.eval_step(state, batch)
+    np.testing.assert_allclose(float(ev["bits_per_token"]), float(ev["loss"]) / np.log(2), rtol=1e-6)
+    assert float(ev["tokens"]) == 16 + 2 + 8 + 16
+    assert 0.0 <= float(ev["accuracy"]) <= 1.0
+
+
+def test_dropout_changes_training_but_not_eval():
+    tc = dataclasses.replace(TC, dropout=0.5)
+    batch = _batch(jax.random.key(9))
+    _, m_drop = jaxdec.train_step(_state(tc), batch)
+    _, m_plain = jaxdec.train_step(_state(), batch)
+    assert float(m_drop["loss"]) != float(m_plain["loss"])
+    e1, e2 = jaxdec.eval_step(_state(tc), batch), jaxdec.eval_step(_state(), batch)
+    assert float(e1["loss"]) == float(e2["loss"])
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    tc = dataclasses.replace(TC, dtype="bfloat16")
+    batch = _batch(jax.random.key(10))
+    s_bf, m_bf = jaxdec.train_step(_state(tc), batch)
+    _, m_fp = jaxdec.train_step(_state(), batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s_bf.params))
+    np.testing.assert_allclose(float(m_bf["loss"]), float(m_fp["loss"]), rtol=2e-2)
+
+
+def test_save_restore_continue_is_bit_identical(tmp_path):
+    batches = [_batch(jax.random.key(20 + i), lengths=[17, 8, 12, 17]) for i in range(6)]
+    tc = dataclasses.replace(TC, dropout=0.1)
+    state = _state(tc)
+    straight = []
+    for b in batches:
+        state, m = jaxdec.train_step(state, b)
+        straight.append({k: float(v) for k, v in m.items()})
+
+    state = _state(tc)
+    for b in batches[:3]:
+        state, _ = jaxdec.train_step(state, b)
+    checkpoint.save(tmp_path, state, 3)
+    restored, step = checkpoint.restore(tmp_path, _state(tc))
+    assert step == 3
+    resumed = []
+    for b in batches[3:]:
+        restored, m = jaxdec.train_step(restored, b)
+        resumed.append({k: float(v) for k, v in m.items()})
+    assert resumed == straight[3:]
+
+
+def test_target_weights_by_hand():
+    batch = {"tokens": jnp.zeros((2, 5), jnp.int32), "lengths": jnp.array([5, 2])}
+    expected = np.array([[1, 1, 1, 1], [1, 0, 0, 0]], np.float32)
+    np.testing.assert_array_equal(np.asarray(training.target_weights(batch)), expected)
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="decay_steps"):
+        jaxdec.TrainConfig(warmup_steps=10, decay_steps=5)
+    with pytest.raises(ValueError, match="dropout"):
+        jaxdec.TrainConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        jaxdec.TrainConfig(dtype="float16")
