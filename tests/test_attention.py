@@ -287,7 +287,8 @@ def test_attend_keeps_query_dtype():
     q, k, v = (a.astype(jnp.bfloat16) for a in _qkv(10))
     out = attend_jit(q, k, v, _mask_with_empty_rows())
     chex.assert_type(out, jnp.bfloat16)
-    expected = naive_attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), _mask_with_empty_rows())
+    q32, k32, v32 = (a.astype(jnp.float32) for a in (q, k, v))
+    expected = naive_attend(q32, k32, v32, _mask_with_empty_rows())
     chex.assert_trees_all_close(out.astype(jnp.float32), expected.astype(np.float32), atol=5e-2, rtol=0)
 
 

@@ -88,21 +88,26 @@ def test_cached_equals_uncached(decoder_config, params_for):
     assert np.abs(np.diff(np.asarray(cached.logits), axis=1)).max(-1).min() > 1e-2
 
 
-@pytest.mark.parametrize("name", ["learned", "rope_gqa"])
-def test_padded_row_equals_example_decoded_alone(name, decoder_configs, params_for):
+@pytest.mark.parametrize(
+    "name, rows, own_capacity",
+    [
+        # Every row alone in a batch of one, at the batch's capacity: one compiled program; the
+        # shorter prompts are then right-aligned inside it just as in the batch.
+        ("learned", [0, 1, 2], False),
+        # The shortest row with its own width and capacity: no padding anywhere, so its cache
+        # slots and RoPE rotations start at 0 instead of at slot 3 as in the batch.
+        ("rope_gqa", [1], True),
+    ],
+)
+def test_padded_row_equals_example_decoded_alone(name, rows, own_capacity, decoder_configs, params_for):
     c = decoder_configs[name]
     params = params_for(c)
     batched = gen(params, c)
-    for b, n in enumerate(PROMPT_LENGTHS):
-        # Alone: batch 1, its own n tokens. The same capacity keeps one compiled program for
-        # the three examples (the two shorter ones are then right-aligned inside it).
-        alone = gen(params, c, prompts=PROMPTS[b : b + 1, :n], lengths=None, capacity=P + MAX_NEW)
-        np.testing.assert_array_equal(batched.tokens[b], alone.tokens[0])
-        chex.assert_trees_all_close(batched.logits[b], alone.logits[0], atol=1e-5, rtol=0)
-    if name == "learned":
-        # ...and with no padding at all, not even inside the cache: width and capacity its own.
-        b, n = 1, PROMPT_LENGTHS[1]
-        alone = gen(params, c, prompts=PROMPTS[b : b + 1, :n], lengths=None)
+    for b in rows:
+        n = PROMPT_LENGTHS[b]
+        capacity = None if own_capacity else P + MAX_NEW
+        alone = gen(params, c, prompts=PROMPTS[b : b + 1, :n], lengths=None, capacity=capacity)
+        assert_result_shapes(alone, 1, MAX_NEW, c.vocab_size)
         np.testing.assert_array_equal(batched.tokens[b], alone.tokens[0])
         chex.assert_trees_all_close(batched.logits[b], alone.logits[0], atol=1e-5, rtol=0)
 
@@ -244,9 +249,9 @@ def test_generate_same_key_same_samples_different_keys_differ(sampler, params_fo
             assert (mass_before < sampler.p + 1e-6).all()
 
 
-def test_generate_greedy_ignores_key(params_for, base_config):
+def test_generate_greedy_ignores_key(params_for, base_config, key):
     params = params_for(base_config)
-    runs = [gen(params, base_config, key=k) for k in (None, jax.random.key(1), jax.random.key(2))]
+    runs = [gen(params, base_config, key=k) for k in (None, key, jax.random.fold_in(key, 1))]
     for r in runs[1:]:
         np.testing.assert_array_equal(r.tokens, runs[0].tokens)
         chex.assert_trees_all_close(r.logits, runs[0].logits, atol=0, rtol=0)

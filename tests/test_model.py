@@ -143,11 +143,12 @@ def test_param_layout_and_count(decoder_config):
     c = decoder_config
     shapes = _param_shapes(c)
     assert _count(shapes) == _expected_param_count(c)
-    chex.assert_shape(shapes["layers"][0]["attn"]["qkv"], (c.d_model, (c.num_heads + 2 * c.kv_heads) * c.head_dim))
+    layer = shapes["layers"][0]
+    chex.assert_shape(layer["attn"]["qkv"], (c.d_model, (c.num_heads + 2 * c.kv_heads) * c.head_dim))
     assert ("pos_embed" in shapes) == (c.position == "learned")
     assert ("final_norm" in shapes) == (c.norm_position == "pre")
     assert ("head" in shapes) == (not c.tie_embeddings)
-    has_bias = any("bias" in name for name in shapes["layers"][0]["attn"]) or "b_in" in shapes["layers"][0]["mlp"]
+    has_bias = any("bias" in name for name in layer["attn"]) or "b_in" in layer["mlp"]
     assert has_bias == c.use_bias
     for leaf in jax.tree.leaves(shapes):
         assert leaf.dtype == jnp.float32
@@ -197,7 +198,8 @@ def test_forward_ignores_padding_tokens_and_is_causal(params_for, base_config):
     chex.assert_trees_all_close(full_changed[:, :6], full[:, :6], atol=1e-6, rtol=0)
     assert np.abs(full_changed[:, 6:] - full[:, 6:]).max() > 1e-3  # ...but does change later ones
     # lengths=None means every position is real.
-    chex.assert_trees_all_close(jaxdec.forward(params, c, tokens, np.full(B, T, np.int32)), full, atol=0, rtol=0)
+    all_real = jaxdec.forward(params, c, tokens, np.full(B, T, np.int32))
+    chex.assert_trees_all_close(all_real, full, atol=0, rtol=0)
 
 
 def test_forward_with_zero_length_rows_is_finite_in_value_and_gradient(params_for, base_config):
@@ -228,7 +230,8 @@ class ForwardVariantsTest(chex.TestCase):
         params = jaxdec.init_params(c, jax.random.key(0))
         tokens = _tokens(c.vocab_size)
         expected = np.stack([
-            np.pad(np_decoder_logits(params, c, tokens[b, :n]), ((0, T - n), (0, 0))) for b, n in enumerate(LENGTHS)
+            np.pad(np_decoder_logits(params, c, tokens[b, :n]), ((0, T - n), (0, 0)))
+            for b, n in enumerate(LENGTHS)
         ])
         fwd = self.variant(lambda params, tokens, lengths: jaxdec.forward(params, c, tokens, lengths))
         logits = fwd(params, jnp.asarray(tokens), jnp.asarray(LENGTHS))
@@ -244,7 +247,7 @@ class ForwardVariantsTest(chex.TestCase):
     def test_forward_checked(self):
         c = DecoderConfig(37, 2, 32, 4, 32, init_std=0.4)
         params = jaxdec.init_params(c, jax.random.key(0))
-        checked = self.variant(lambda params, tokens, lengths: jaxdec.forward_checked(params, c, tokens, lengths))
+        checked = self.variant(lambda p, t, n: jaxdec.forward_checked(p, c, t, n))
         tokens = jnp.asarray(_tokens(c.vocab_size))
         lengths = jnp.asarray(LENGTHS)
         error, logits = checked(params, tokens, lengths)
@@ -294,7 +297,9 @@ _GOOD = np.ones((2, 4), np.int32)
 _BAD_FORWARD_INPUTS = {
     "id_negative": (np.array([[1, -1, 2, 3], [1, 2, 3, 4]], np.int32), None, "token id -1"),
     "id_equals_vocab": (np.array([[1, 2, 37, 3], [1, 2, 3, 4]], np.int32), None, "token id 37"),
-    "id_in_padding_slot": (np.array([[1, 2, 3, 99], [1, 2, 3, 4]], np.int32), np.array([3, 4], np.int32), "token id 99"),
+    "id_in_padding_slot": (
+        np.array([[1, 2, 3, 99], [1, 2, 3, 4]], np.int32), np.array([3, 4], np.int32), "token id 99"
+    ),
     "rank_1_tokens": (np.ones((4,), np.int32), None, "tokens"),
     "rank_3_tokens": (np.ones((2, 4, 1), np.int32), None, "tokens"),
     "float_tokens": (np.ones((2, 4), np.float32), None, "tokens"),
@@ -310,8 +315,12 @@ _BAD_FORWARD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("tokens, lengths, match", _BAD_FORWARD_INPUTS.values(), ids=_BAD_FORWARD_INPUTS.keys())
-def test_forward_rejects_bad_input_before_compute(tokens, lengths, match, params_for, base_config, monkeypatch):
+@pytest.mark.parametrize(
+    "tokens, lengths, match", _BAD_FORWARD_INPUTS.values(), ids=_BAD_FORWARD_INPUTS.keys()
+)
+def test_forward_rejects_bad_input_before_compute(
+    tokens, lengths, match, params_for, base_config, monkeypatch
+):
     def no_compute(*args, **kwargs):
         raise AssertionError("reached the compiled forward pass")
 
@@ -436,7 +445,9 @@ def test_prefill_equals_token_by_token(position_config, params_for):
     logits_1, cache_1 = prefill_jit(params, c, jnp.asarray(aligned[:, :1]), jnp.asarray(starts), CAPACITY)
     assert int(cache_1.end) == 1
     for slot in range(1, W):
-        logits_1, cache_1 = decode_step_jit(params, c, cache_1, jnp.asarray(aligned[:, slot]), jnp.asarray(slot - starts))
+        logits_1, cache_1 = decode_step_jit(
+            params, c, cache_1, jnp.asarray(aligned[:, slot]), jnp.asarray(slot - starts)
+        )
         chex.assert_shape(logits_1, (B, c.vocab_size))
     assert int(cache_1.end) == W
     np.testing.assert_array_equal(cache_1.starts, starts)
@@ -467,7 +478,8 @@ def test_decode_step_then_uncached_recompute_agree(params_for, base_config):
     nxt = jnp.argmax(logits, -1).astype(jnp.int32)
     positions = jnp.asarray(PROMPT_LENGTHS)
     step_logits, cache = decode_step_jit(params, c, cache, nxt, positions)
-    step_logits_u, buf = jax.jit(model.recompute_step, static_argnames="config")(params, c, buf, nxt, positions)
+    recompute_step_jit = jax.jit(model.recompute_step, static_argnames="config")
+    step_logits_u, buf = recompute_step_jit(params, c, buf, nxt, positions)
     chex.assert_shape(step_logits, (B, c.vocab_size))
     assert int(cache.end) == W + 1 and int(buf.end) == W + 1
     chex.assert_trees_all_close(step_logits_u, step_logits, atol=1e-5, rtol=0)

@@ -63,14 +63,14 @@ class SamplerVariantsTest(chex.TestCase):
 
 
 @pytest.mark.parametrize("sampler", [Temperature(1.0), TopK(5), TopP(0.5)], ids=lambda s: type(s).__name__)
-def test_same_key_same_samples_different_keys_differ(sampler):
+def test_same_key_same_samples_different_keys_differ(sampler, key):
     # Flat logits: 64 rows each with >= 5 equally likely ids, so two keys giving identical rows
     # has probability <= 5^-64 for a sampler that uses its key.
     logits = jnp.zeros((64, 37))
-    a = sampler(logits, jax.random.key(1))
-    np.testing.assert_array_equal(a, sampler(logits, jax.random.key(1)))
-    for seed in (2, 3):
-        assert (np.asarray(a) != np.asarray(sampler(logits, jax.random.key(seed)))).any()
+    a = sampler(logits, key)
+    np.testing.assert_array_equal(a, sampler(logits, jax.random.clone(key)))
+    for other in jax.random.split(key, 2):
+        assert (np.asarray(a) != np.asarray(sampler(logits, other))).any()
     assert len(np.unique(np.asarray(a))) >= 5  # the rows do vary
 
 
@@ -145,7 +145,8 @@ def test_tiny_temperature_is_greedy():
         (TopP(0.8, temperature=2.0), np.where(np.isin(np.arange(6), [2, 4, 0, 5]), softmax(LOGITS / 2.0), 0.0)
          / softmax(LOGITS / 2.0)[[2, 4, 0, 5]].sum()),
     ],
-    ids=["temperature_1", "temperature_2", "topk_3", "topk_3_temperature_0.5", "topp_0.93", "topp_0.8_temperature_2"],
+    ids=["temperature_1", "temperature_2", "topk_3", "topk_3_temperature_0.5", "topp_0.93",
+         "topp_0.8_temperature_2"],
 )
 def test_empirical_frequencies_match_probabilities(sampler, probs):
     samples = draws(sampler)

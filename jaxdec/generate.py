@@ -1,0 +1,229 @@
+"""Command line: decode with jaxdec from a local Hugging Face GPT-2 or Marian checkpoint folder.
+
+    python -m jaxdec.generate --checkpoint DIR "text" ["more text" ...] [--max-new-tokens N]
+        [--beams K] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+
+The folder holds config.json (its model_type, "gpt2" or "marian", picks the model), the weights
+(model.safetensors or pytorch_model.bin, read by `jaxdec.convert`) and the model's own tokenizer
+files, read locally (nothing is downloaded):
+- GPT-2: tokenizer.json (the `tokenizers` package), or vocab.json + merges.txt (a byte-level BPE
+  built from them with `tokenizers`).
+- Marian: source.spm, target.spm and vocab.json, through transformers' MarianTokenizer (needs
+  `transformers` and `sentencepiece`; loaded with local_files_only=True).
+Each input text is one batch row; one line is printed per text: GPT-2's continuation (the prompt
+is not repeated) or Marian's translation.
+
+Generation settings follow the folder's config.json and generation_config.json as HF's generate
+reads them: eos / pad / decoder-start ids, num_beams, length_penalty and early_stopping (the
+defaults of --beams, --length-penalty, --early-stopping), and single-token bad_words_ids (opus-mt
+bans its pad token), applied as a -1e9 logit bias. Not applied: forced_eos_token_id and other
+logits processors. The decoding itself is `jaxdec.generate` (greedy or sampled) or
+`jaxdec.beam_search`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec import convert, decode
+from jaxdec.beam import beam_search
+from jaxdec.sampling import Greedy, Temperature, TopK, TopP
+
+NEG_BIAS = -1.0e9  # a banned token's logit bias: finite, so no inf - inf NaNs
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this module sets the package attribute `jaxdec.generate` to it, hiding the
+    function `jaxdec.generate` (= `jaxdec.decode.generate`). Calling the module calls the
+    function, so `jaxdec.generate(params, ...)` keeps working after `import jaxdec.generate`."""
+
+    def __call__(self, *args, **kwargs):
+        return decode.generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+
+# --- tokenizers -------------------------------------------------------------------------------
+
+
+class _GPT2Tokenizer:
+    """GPT-2's byte-level BPE from tokenizer.json, or from vocab.json + merges.txt."""
+
+    def __init__(self, folder: str):
+        import tokenizers
+        from tokenizers import decoders, models, pre_tokenizers
+
+        path = os.path.join(folder, "tokenizer.json")
+        if os.path.exists(path):
+            self.tok = tokenizers.Tokenizer.from_file(path)
+        else:
+            vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+            if not (os.path.exists(vocab) and os.path.exists(merges)):
+                raise FileNotFoundError(f"no GPT-2 tokenizer in {folder}: expected tokenizer.json or "
+                                        "vocab.json + merges.txt")
+            self.tok = tokenizers.Tokenizer(models.BPE.from_file(vocab, merges))
+            self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            self.tok.decoder = decoders.ByteLevel()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class _MarianTokenizer:
+    """transformers' MarianTokenizer (SentencePiece), local files only. Encoding appends </s>."""
+
+    def __init__(self, folder: str):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from transformers import MarianTokenizer
+        except ImportError as e:
+            raise ImportError("a Marian tokenizer needs transformers and sentencepiece "
+                              "(pip install transformers sentencepiece)") from e
+        self.tok = MarianTokenizer.from_pretrained(folder, local_files_only=True)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text).input_ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(folder: str, model_type: str):
+    """The folder's own tokenizer: .encode(text) -> ids, .decode(ids) -> text."""
+    return _GPT2Tokenizer(folder) if model_type == "gpt2" else _MarianTokenizer(folder)
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def _pad_rows(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads id lists to int32 [B, max_len]; returns (ids, lengths)."""
+    lengths = np.array([len(r) for r in rows], np.int32)
+    ids = np.full((len(rows), int(lengths.max())), pad, np.int32)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = r
+    return ids, lengths
+
+
+def _ban_tokens(ckpt: convert.Checkpoint, params: dict) -> dict:
+    """Single-token bad_words_ids from the generation settings as a -1e9 logit bias."""
+    banned = sorted({int(w[0]) for w in ckpt.generation.get("bad_words_ids") or [] if len(w) == 1})
+    if not banned:
+        return params
+    V = ckpt.config.vocab_size
+    if ckpt.model_type == "marian":
+        bias = params["decoder"]["logits_bias"].at[jnp.array(banned)].add(NEG_BIAS)
+        return {**params, "decoder": {**params["decoder"], "logits_bias": bias}}
+    bias = params.get("logits_bias", jnp.zeros((V,), jnp.float32)).at[jnp.array(banned)].add(NEG_BIAS)
+    return {**params, "logits_bias": bias}
+
+
+def _trim(tokens: np.ndarray, length: int, eos: int | None) -> list[int]:
+    out = [int(t) for t in tokens[:length]]
+    return out[:-1] if out and eos is not None and out[-1] == eos else out
+
+
+def run(checkpoint: str, texts: list[str], *, max_new_tokens: int = 64, beams: int | None = None,
+        sampler=Greedy(), seed: int = 0, length_penalty: float | None = None,
+        early_stopping: bool | None = None) -> list[str]:
+    """Decodes each text with the checkpoint folder's model and tokenizer; returns the outputs.
+
+    beams / length_penalty / early_stopping default to the folder's generation settings
+    (num_beams, else 1; length_penalty, else 1.0; early_stopping is True, else False).
+    """
+    ckpt = convert.load_checkpoint(checkpoint)
+    tok = load_tokenizer(checkpoint, ckpt.model_type)
+    gen = ckpt.generation
+    beams = int(gen.get("num_beams") or 1) if beams is None else beams
+    length_penalty = float(gen.get("length_penalty", 1.0)) if length_penalty is None else length_penalty
+    early_stopping = gen.get("early_stopping") is True if early_stopping is None else early_stopping
+    if beams > 1 and not isinstance(sampler, Greedy):
+        raise ValueError("beam search does not sample: drop --temperature/--top-k/--top-p or use --beams 1")
+    special = ckpt.special
+    pad = special.pad_id if special.pad_id is not None else 0
+    params = _ban_tokens(ckpt, ckpt.params)
+    encoded = [tok.encode(t) for t in texts]
+    for text, ids in zip(texts, encoded):
+        if not ids:
+            raise ValueError(f"the text {text!r} encodes to no tokens")
+    if ckpt.model_type == "gpt2":
+        prompts, lengths = _pad_rows(encoded, pad)
+        extra = {}
+    else:
+        source, source_lengths = _pad_rows(encoded, pad)
+        prompts = np.full((len(texts), 1), special.decoder_start_id, np.int32)
+        lengths = None
+        extra = {"source": source, "source_lengths": source_lengths}
+    common = dict(max_new_tokens=max_new_tokens, eos_id=special.eos_id, pad_id=pad, **extra)
+    if beams > 1:
+        result, _ = beam_search(params, ckpt.config, prompts, lengths, beam_size=beams,
+                                length_penalty=length_penalty, early_stopping=early_stopping, **common)
+    else:
+        result = decode.generate(params, ckpt.config, prompts, lengths, sampler=sampler,
+                                 key=jax.random.key(seed), **common)
+    tokens, out_lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+    return [tok.decode(_trim(tokens[b], int(out_lengths[b]), special.eos_id)) for b in range(len(texts))]
+
+
+def _sampler(args) -> object:
+    temperature = 1.0 if args.temperature is None else args.temperature
+    if args.top_p is not None:
+        return TopP(args.top_p, temperature)
+    if args.top_k is not None:
+        return TopK(args.top_k, temperature)
+    if args.temperature is not None:
+        return Temperature(temperature)
+    return Greedy()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxdec.generate",
+        description="Continue (GPT-2) or translate (Marian / opus-mt) texts with jaxdec, from a local "
+                    "Hugging Face checkpoint folder and its own tokenizer files. Greedy by default.",
+    )
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="input text(s); one output line each")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="folder with config.json, model.safetensors or pytorch_model.bin, tokenizer files")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    p.add_argument("--beams", type=int, default=None, metavar="K",
+                   help="beam search with K beams (default: the folder's num_beams, else 1 = no beams)")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="beam score = log-prob / length**P (default: the folder's, else 1.0)")
+    p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop a beam search once K hypotheses finished (default: the folder's, else off)")
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling with mass p")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        outputs = run(args.checkpoint, args.texts, max_new_tokens=args.max_new_tokens, beams=args.beams,
+                      sampler=_sampler(args), seed=args.seed, length_penalty=args.length_penalty,
+                      early_stopping=args.early_stopping)
+    except (ValueError, FileNotFoundError, ImportError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in outputs:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

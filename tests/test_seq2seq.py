@@ -1,0 +1,230 @@
+"""The encoder-decoder: cached == uncached, padding invariance, cross K/V computed once, beams."""
+
+from __future__ import annotations
+
+import itertools
+
+import chex
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec import seq2seq
+
+V = 40
+CONFIGS = {
+    "original": jaxdec.Seq2SeqConfig(V, 2, 2, 32, 4, 48),
+    "modern": jaxdec.Seq2SeqConfig(V, 1, 2, 32, 4, 48, num_kv_heads=2, norm_position="pre",
+                                   activation="gelu", embed_scale=False, position="rope",
+                                   share_embeddings=False, tie_embeddings=False, logits_bias=True),
+}
+SOURCE = np.array([[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17, 0, 0, 0, 0, 0],
+                   [18, 19, 20, 21, 22, 23, 0, 0, 0]], np.int32)
+SOURCE_LENGTHS = np.array([9, 4, 6], np.int32)
+PROMPTS = np.array([[1, 30, 31], [1, 0, 0], [1, 32, 0]], np.int32)
+PROMPT_LENGTHS = np.array([3, 1, 2], np.int32)
+NEW = 8
+
+
+def _params(config):
+    params = jaxdec.init_params(config, jax.random.key(0))
+    # Larger weights than the init's make outputs depend strongly on inputs (no degenerate repeats).
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request):
+    config = CONFIGS[request.param]
+    return config, _params(config)
+
+
+def _generate(params, config, **kw):
+    return jaxdec.generate(params, config, PROMPTS, PROMPT_LENGTHS, source=SOURCE,
+                           source_lengths=SOURCE_LENGTHS, max_new_tokens=NEW, return_logits=True, **kw)
+
+
+def test_forward_shapes(model):
+    config, params = model
+    logits = jaxdec.forward(params, config, PROMPTS, PROMPT_LENGTHS, source=SOURCE,
+                            source_lengths=SOURCE_LENGTHS)
+    chex.assert_shape(logits, (3, 3, V))
+    chex.assert_tree_all_finite(logits)
+
+
+def test_cached_equals_uncached_and_full_forward(model):
+    """Cached, cross-recomputed and uncached decoding agree in tokens and logits (fp32, 1e-5), and
+    each step's logits equal a full forward pass over that example alone."""
+    config, params = model
+    cached = _generate(params, config)
+    uncached = _generate(params, config, use_cache=False)
+    recomputed_cross = _generate(params, config, cache_cross=False)
+    chex.assert_shape(cached.tokens, (3, NEW))
+    np.testing.assert_array_equal(cached.tokens, uncached.tokens)
+    np.testing.assert_array_equal(cached.tokens, recomputed_cross.tokens)
+    chex.assert_trees_all_close(cached.logits, uncached.logits, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(cached.logits, recomputed_cross.logits, atol=1e-5, rtol=0)
+    assert len({tuple(row) for row in np.asarray(cached.tokens)}) > 1, "degenerate outputs"
+    seqs, lengths = _full_sequences(cached.tokens)
+    full = jaxdec.forward(params, config, seqs, lengths, source=SOURCE, source_lengths=SOURCE_LENGTHS)
+    for b, n in enumerate(PROMPT_LENGTHS):
+        chex.assert_trees_all_close(full[b, n - 1 : n - 1 + NEW], cached.logits[b], atol=1e-5, rtol=0)
+
+
+def _full_sequences(new_tokens):
+    """Each prompt followed by its generated tokens, right-padded: int32 [3, P + NEW], lengths."""
+    seqs = np.zeros((3, PROMPTS.shape[1] + NEW), np.int32)
+    for b, n in enumerate(PROMPT_LENGTHS):
+        seqs[b, : n + NEW] = np.concatenate([PROMPTS[b, :n], np.asarray(new_tokens[b])])
+    return seqs, PROMPT_LENGTHS + NEW
+
+
+def test_padded_source_row_equals_alone(model):
+    config, params = model
+    batched = _generate(params, config)
+    alone = jaxdec.generate(params, config, PROMPTS[1:2, :1], source=SOURCE[1:2, :4],
+                            max_new_tokens=NEW, return_logits=True)
+    np.testing.assert_array_equal(batched.tokens[1], alone.tokens[0])
+    chex.assert_trees_all_close(batched.logits[1], alone.logits[0], atol=1e-5, rtol=0)
+
+
+def test_encoder_output_ignores_padding(model):
+    config, params = model
+    other = SOURCE.copy()
+    for b, n in enumerate(SOURCE_LENGTHS):
+        other[b, n:] = 33
+    a = seq2seq.encode(params, config, jnp.asarray(SOURCE), jnp.asarray(SOURCE_LENGTHS))
+    b = seq2seq.encode(params, config, jnp.asarray(other), jnp.asarray(SOURCE_LENGTHS))
+    chex.assert_shape(a, (3, 9, 32))
+    for row, n in enumerate(SOURCE_LENGTHS):
+        chex.assert_trees_all_close(a[row, :n], b[row, :n], atol=1e-6, rtol=0)
+
+
+def _dot_shapes(jaxpr) -> list[tuple]:
+    """Shapes of the right operands of every dot_general in a jaxpr, sub-jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.invars[1].aval.shape))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes += _dot_shapes(sub)
+    return shapes
+
+
+def _scan_bodies(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn.params["jaxpr"].jaxpr
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _scan_bodies(sub)
+
+
+@pytest.mark.parametrize("cache_cross", [True, False])
+def test_cross_kv_projected_once_per_sequence(cache_cross):
+    """The decode scan's body holds no matmul with the cross-attention K/V weight [D, 2KH] unless
+    the cross cache is switched off; outside it, exactly one per decoder layer."""
+    config = CONFIGS["original"]
+    params = _params(config)
+    kv_shape = params["decoder"]["layers"][0]["cross"]["kv"].shape
+    jaxpr = jax.make_jaxpr(
+        lambda p, s, sl, pr, pl: jaxdec.decode._generate(
+            p, config, pr, pl, s, sl, jax.random.key(0), jnp.int32(-1), jnp.int32(0),
+            sampler=jaxdec.Greedy(), max_new_tokens=NEW, capacity=3 + NEW, use_cache=True,
+            cache_cross=cache_cross, return_logits=False)
+    )(params, SOURCE, SOURCE_LENGTHS, PROMPTS, PROMPT_LENGTHS).jaxpr
+    (body,) = list(_scan_bodies(jaxpr))
+    in_body = _dot_shapes(body).count(kv_shape)
+    total = _dot_shapes(jaxpr).count(kv_shape)
+    assert in_body == (0 if cache_cross else config.num_decoder_layers)
+    assert total - in_body == config.num_decoder_layers
+
+
+def test_beam_one_equals_greedy(model):
+    config, params = model
+    for eos in (None, int(_generate(params, config).tokens[0, 2])):
+        greedy = jaxdec.generate(params, config, PROMPTS, PROMPT_LENGTHS, source=SOURCE,
+                                 source_lengths=SOURCE_LENGTHS, max_new_tokens=NEW, eos_id=eos)
+        beam, scores = jaxdec.beam_search(params, config, PROMPTS, PROMPT_LENGTHS, source=SOURCE,
+                                          source_lengths=SOURCE_LENGTHS, beam_size=1,
+                                          max_new_tokens=NEW, eos_id=eos)
+        chex.assert_shape(beam.tokens, (3, NEW))
+        chex.assert_shape(scores, (3,))
+        np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+        np.testing.assert_array_equal(beam.lengths, greedy.lengths)
+
+
+def _sequence_logprobs(params, config, new_tokens, new_lengths) -> np.ndarray:
+    """Summed log-probability of each row's first new_lengths[b] generated tokens: [3]."""
+    seqs, lengths = _full_sequences(new_tokens)
+    logits = jaxdec.forward(params, config, seqs, lengths, source=SOURCE, source_lengths=SOURCE_LENGTHS)
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    return np.array([sum(logp[b, n - 1 + t, seqs[b, n + t]] for t in range(new_lengths[b]))
+                     for b, n in enumerate(PROMPT_LENGTHS)])
+
+
+def test_beam_search_finds_the_exhaustive_optimum_without_eos():
+    """Without eos every hypothesis has the same length, so a beam as wide as the number of
+    sequences of length 2 (V^2 > W, with W >= V) is exhaustive: it must return the argmax over
+    all V^2 two-token continuations, scored by an independent forward pass."""
+    config = jaxdec.Seq2SeqConfig(8, 1, 1, 16, 2, 16)
+    params = _params(config)
+    beam, scores = jaxdec.beam_search(params, config, PROMPTS[:, :1] % 8, source=SOURCE % 8,
+                                      source_lengths=SOURCE_LENGTHS, beam_size=4, max_new_tokens=2)
+    pairs = np.array(list(itertools.product(range(8), repeat=2)), np.int32)  # [64, 2]
+    for b in range(3):
+        seqs = np.concatenate([np.full((64, 1), PROMPTS[b, 0] % 8), pairs], axis=1)
+        source = np.repeat(SOURCE[b : b + 1] % 8, 64, axis=0)
+        logits = jaxdec.forward(params, config, seqs, source=source,
+                                source_lengths=np.full(64, SOURCE_LENGTHS[b]))
+        logp = np.asarray(jax.nn.log_softmax(logits, -1))
+        seq_scores = {tuple(p): logp[i, 0, p[0]] + logp[i, 1, p[1]] for i, p in enumerate(pairs)}
+        best = max(seq_scores, key=seq_scores.get)
+        assert tuple(np.asarray(beam.tokens[b])) == best
+        np.testing.assert_allclose(float(scores[b]), seq_scores[best] / 2.0, rtol=1e-5)
+
+
+def test_beam_scores_are_length_normalised_logprobs(model):
+    config, params = model
+    beam, scores = jaxdec.beam_search(params, config, PROMPTS, PROMPT_LENGTHS, source=SOURCE,
+                                      source_lengths=SOURCE_LENGTHS, beam_size=3,
+                                      max_new_tokens=NEW, length_penalty=0.7)
+    greedy = _generate(params, config)
+    lengths = np.asarray(beam.lengths)
+    beam_lp = _sequence_logprobs(params, config, beam.tokens, lengths)
+    np.testing.assert_allclose(np.asarray(scores), beam_lp / lengths**0.7, rtol=1e-4)
+    greedy_lp = _sequence_logprobs(params, config, greedy.tokens, [NEW] * 3)
+    assert np.all(np.asarray(scores) >= greedy_lp / NEW**0.7 - 1e-5)
+
+
+def test_seq2seq_trains_through_the_same_step():
+    config = CONFIGS["original"]
+    state = jaxdec.create_train_state(config, jaxdec.TrainConfig(learning_rate=3e-3, warmup_steps=2,
+                                                                 decay_steps=50), jax.random.key(0))
+    batch = {"source": jnp.asarray(SOURCE), "source_lengths": jnp.asarray(SOURCE_LENGTHS),
+             "tokens": jnp.asarray(np.concatenate([PROMPTS, PROMPTS[:, ::-1]], axis=1)),
+             "lengths": jnp.asarray(PROMPT_LENGTHS + 3)}
+    first = None
+    for _ in range(30):
+        state, metrics = jaxdec.train_step(state, batch)
+        first = float(metrics["loss"]) if first is None else first
+    assert float(metrics["loss"]) < first / 2
+
+
+def test_bad_seq2seq_input_raises():
+    config, params = CONFIGS["original"], _params(CONFIGS["original"])
+    with pytest.raises(ValueError, match="source"):
+        jaxdec.generate(params, config, PROMPTS, max_new_tokens=2)
+    with pytest.raises(ValueError, match="source_lengths"):
+        jaxdec.generate(params, config, PROMPTS, source=SOURCE, source_lengths=np.array([0, 1, 1]),
+                        max_new_tokens=2)
+    with pytest.raises(ValueError, match="token id"):
+        jaxdec.forward(params, config, PROMPTS, source=SOURCE + V)
+    with pytest.raises(ValueError, match="DecoderConfig"):
+        dconfig = jaxdec.DecoderConfig(V, 1, 32, 4, 48)
+        jaxdec.forward(jaxdec.init_params(dconfig, jax.random.key(0)), dconfig, PROMPTS, source=SOURCE)
+    with pytest.raises(ValueError, match="beam_size"):
+        jaxdec.beam_search(params, config, PROMPTS, source=SOURCE, beam_size=0, max_new_tokens=2)
