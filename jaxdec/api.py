@@ -91,6 +91,8 @@ def forward(params, config: ModelConfig, tokens, lengths=None, *, source=None, s
       ids outside [0, vocab_size) or lengths outside [0, T]. Under an outer jit the value checks
       cannot run: use `forward_checked`.
     """
+    tokens, lengths = checks.as_array(tokens), checks.as_array(lengths)
+    source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
     lengths = _check_forward_args(config, tokens, lengths)
     source_lengths = check_source(config, source, source_lengths)
     if source is not None:

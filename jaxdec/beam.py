@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec import api, model, seq2seq
+from jaxdec import api, checks, model, seq2seq
 from jaxdec.cache import KVCache
 from jaxdec.config import Seq2SeqConfig
-from jaxdec.decode import GenerateResult, _check_generate_args, _pad_to, right_align
+from jaxdec.decode import GenerateResult, _check_generate_args, _pad_to, check_special_ids, right_align
 from jaxdec.sampling import Greedy
 
 NEG_INF = -1.0e9  # finite "impossible" score: keeps arithmetic NaN-free
@@ -197,8 +197,11 @@ def beam_search(
         raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}")
     if beam_size * 2 > config.vocab_size:
         raise ValueError(f"beam_size {beam_size} needs 2 * beam_size <= vocab_size={config.vocab_size}")
+    prompts, prompt_lengths = checks.as_array(prompts), checks.as_array(prompt_lengths)
+    source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
     lengths, capacity = _check_generate_args(config, prompts, prompt_lengths, max_new_tokens,
                                              capacity, Greedy(), None)
+    check_special_ids(config, eos_id, pad_id)
     source_lengths = api.check_source(config, source, source_lengths)
     if source is not None:
         source = jnp.asarray(source, jnp.int32)

@@ -18,6 +18,13 @@ def is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
+def as_array(x):
+    """Python sequences become numpy arrays (so lists work); arrays and tracers pass through."""
+    if x is None or isinstance(x, (jax.Array, np.ndarray)):
+        return x
+    return np.asarray(x)
+
+
 def check_int_array(name: str, x, ndim: int) -> None:
     """Rank and integer dtype (bool excluded)."""
     shape = np.shape(x)

@@ -48,7 +48,8 @@ class DecodeState:
 @flax.struct.dataclass
 class GenerateResult:
     """tokens int32 [B, max_new_tokens] (pad_id after an example's eos); lengths int32 [B];
-    logits float32 [B, max_new_tokens, V] that each token was sampled from (if requested)."""
+    logits float32 [B, max_new_tokens, V] that each token was sampled from (if requested; after
+    an example's eos they are the model's logits after the fed pad_id, and unused)."""
 
     tokens: jax.Array
     lengths: jax.Array
@@ -173,8 +174,9 @@ def _check_generate_args(config, prompts, prompt_lengths, max_new_tokens, capaci
         prompt_lengths = np.full((B,), P, np.int32)
     checks.check_lengths("prompt_lengths", prompt_lengths, B, 1, P)
     capacity = P + max_new_tokens if capacity is None else capacity
-    if not isinstance(capacity, int):
+    if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool):
         raise ValueError(f"capacity must be an int, got {capacity!r}")
+    capacity = int(capacity)
     kv_cache.check_capacity(capacity, P + max_new_tokens)
     if checks.is_concrete(prompt_lengths):
         longest = int(np.max(prompt_lengths)) + max_new_tokens
@@ -190,6 +192,15 @@ def _check_generate_args(config, prompts, prompt_lengths, max_new_tokens, capaci
     if sampler.stochastic and key is None:
         raise ValueError(f"{type(sampler).__name__} samples at random: pass key=jax.random.key(...)")
     return prompt_lengths, capacity
+
+
+def check_special_ids(config, eos_id, pad_id) -> None:
+    """eos_id (if given) and pad_id must be token ids: a finished row feeds pad_id back in."""
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is None and name == "eos_id":
+            continue
+        if not isinstance(value, (int, np.integer)) or not 0 <= value < config.vocab_size:
+            raise ValueError(f"{name} must be an int in [0, vocab_size={config.vocab_size}), got {value!r}")
 
 
 def _pad_to(prompts, width: int):
@@ -243,9 +254,12 @@ def generate(
       GenerateResult(tokens int32 [B, max_new_tokens], lengths int32 [B], logits).
     """
     api.check_config(config)
+    prompts, prompt_lengths = checks.as_array(prompts), checks.as_array(prompt_lengths)
+    source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
     lengths, capacity = _check_generate_args(
         config, prompts, prompt_lengths, max_new_tokens, capacity, sampler, key
     )
+    check_special_ids(config, eos_id, pad_id)
     source_lengths = api.check_source(config, source, source_lengths)
     if source is not None:
         if np.shape(source)[0] != np.shape(prompts)[0]:

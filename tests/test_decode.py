@@ -345,11 +345,6 @@ def test_generate_rejects_bad_input_before_compute(overrides, match, params_for,
         gen(params_for(base_config), base_config, prompts, lengths, **overrides)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="checks.check_int_array calls jnp.result_type on the raw input, so nested Python lists "
-    "raise TypeError('Cannot determine dtype') instead of being accepted (or rejected with ValueError)",
-)
 def test_generate_accepts_python_lists_or_rejects_them_with_value_error(params_for, base_config):
     params = params_for(base_config)
     try:

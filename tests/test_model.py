@@ -265,11 +265,6 @@ class ForwardVariantsTest(chex.TestCase):
         assert error.get() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_int_array calls jnp.result_type on the raw input, so a nested Python list raises "
-    "TypeError('Cannot determine dtype') instead of being accepted (or rejected with ValueError)",
-)
 def test_forward_accepts_python_lists_or_rejects_them_with_value_error(params_for, base_config):
     params = params_for(base_config)
     tokens = _tokens(base_config.vocab_size)
