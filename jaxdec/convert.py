@@ -52,8 +52,7 @@ params[encoder|decoder]["layers"][i]:
 
 | HF name                                             | jaxdec                      | transform                |
 |-----------------------------------------------------|-----------------------------|--------------------------|
-| shared.weight [V, D] (share_encoder_decoder_embeddings) | embed [V, D]            | -                        |
-| encoder/decoder.embed_tokens.weight (not shared)    | encoder/decoder.embed       | -                        |
+| encoder/decoder.embed_tokens.weight [V, D], else shared.weight | embed [V, D] when shared, else encoder.embed / decoder.embed | - |
 | S.l.i.self_attn.{q,k,v}_proj.weight [D, D]          | attn.qkv [D, 3D]            | transpose each, concat q,k,v |
 | S.l.i.self_attn.{q,k,v}_proj.bias                   | attn.qkv_bias [3D]          | concat q, k, v           |
 | S.l.i.self_attn.out_proj.weight / .bias             | attn.out / out_bias         | transpose / -            |
@@ -73,8 +72,10 @@ Config: Seq2SeqConfig(vocab_size, num_encoder_layers=encoder_layers,
 num_decoder_layers=decoder_layers, d_model, num_heads=encoder_attention_heads,
 max_len=max_position_embeddings, d_ff=encoder_ffn_dim, position="sinusoidal",
 norm_position="post", activation=ACTIVATIONS[activation_function], embed_scale=scale_embedding,
-share_embeddings=share_encoder_decoder_embeddings, tie_embeddings=tie_word_embeddings,
-logits_bias=True). Refused: encoder/decoder heads or FFN widths that differ, decoder_vocab_size !=
+share_embeddings=share_encoder_decoder_embeddings (and the two stacks' embeddings equal: transformers
+5 unties shared, encoder and decoder embeddings when tie_word_embeddings=False),
+tie_embeddings=tie_word_embeddings (when absent: lm_head.weight absent or equal to the decoder
+embedding), logits_bias=True). Refused: encoder/decoder heads or FFN widths that differ, decoder_vocab_size !=
 vocab_size, and the legacy BART-style flags HF's Marian does not run (normalize_before,
 normalize_embedding / layernorm_embedding, add_final_layer_norm, static_position_embeddings=False).
 Special ids: eos_token_id (HF default 0), pad_token_id, decoder_start_token_id (= pad_token_id in
@@ -548,13 +549,8 @@ def _marian_config(tensors: dict, cfg: dict) -> Seq2SeqConfig:
         if cfg.get(key) is bad:
             raise ValueError(f"Marian config {key}={bad} ({why}) is not what HF's MarianMTModel runs, "
                              "and jaxdec cannot express it")
-    share = cfg.get("share_encoder_decoder_embeddings", MARIAN_DEFAULTS["share_encoder_decoder_embeddings"])
-    tie = cfg.get("tie_word_embeddings", MARIAN_DEFAULTS["tie_word_embeddings"])
-    embed_name = "shared.weight" if share else "encoder.embed_tokens.weight"
-    if share and embed_name not in tensors:
-        embed_name = next((n for n in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-                           if n in tensors), embed_name)
-    V, D = _need(tensors, embed_name, "vocab_size and d_model").shape
+    enc_name, dec_name, share, tie = _marian_embeddings(tensors, cfg)
+    V, D = tensors[enc_name].shape
     vocab = int(_given(cfg, "vocab_size") or V)
     dec_vocab = int(_given(cfg, "decoder_vocab_size") or vocab)
     if dec_vocab != vocab:
@@ -631,17 +627,49 @@ def _marian_layer_rules(stack: str, i: int, cross: bool) -> dict[tuple, Rule]:
     return rules
 
 
-def _marian_rules(config: Seq2SeqConfig, tensors: dict) -> tuple[dict[tuple, Rule], set[str]]:
-    """The Marian mapping table (module docstring); also the tied copies that may be ignored."""
+def _marian_embeddings(tensors: dict, cfg: dict) -> tuple[str, str, bool, bool]:
+    """Which tensors embed the encoder's and the decoder's tokens; whether they are one
+    (shared) and whether the output head is tied to the decoder's.
+
+    HF's Marian embeds each stack with its own embed_tokens, tied to "shared" when
+    share_encoder_decoder_embeddings (transformers 5 unties everything, shared included, when
+    tie_word_embeddings=False, so the copies can then differ). A stack's embed_tokens is used
+    when present, else shared.weight; the two are one jaxdec "embed" when configured shared and
+    equal. The head is tied per tie_word_embeddings, or, when the config does not say, iff
+    lm_head.weight is absent or equals the decoder embedding.
+    """
+    share_flag = cfg.get("share_encoder_decoder_embeddings", MARIAN_DEFAULTS["share_encoder_decoder_embeddings"])
+
+    def stack_embed(stack: str) -> str:
+        for name in (f"{stack}.embed_tokens.weight", *(["shared.weight"] if share_flag else [])):
+            if name in tensors:
+                return name
+        raise ValueError(f"missing tensors: {stack}.embed_tokens.weight"
+                         + (" (or shared.weight)" if share_flag else ""))
+
+    enc, dec = stack_embed("encoder"), stack_embed("decoder")
+    share = bool(share_flag) and _equal(tensors[enc], tensors[dec])
+    tie = cfg.get("tie_word_embeddings")
+    head = tensors.get("lm_head.weight")
+    if tie is None:
+        tie = head is None or _equal(head, tensors[dec])
+    elif tie and head is not None and not _equal(head, tensors[dec]):
+        raise ValueError(f"lm_head.weight differs from {dec}, but the config ties them")
+    return enc, dec, share, bool(tie)
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a, b)
+
+
+def _marian_rules(config: Seq2SeqConfig, tensors: dict, enc: str, dec: str) -> dict[tuple, Rule]:
+    """The Marian mapping table (module docstring)."""
     rules: dict[tuple, Rule] = {}
-    head = ["lm_head.weight"] if config.tie_embeddings else []
     if config.share_embeddings:
-        group = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", *head]
-        rules[("embed",)] = ((_tie(tensors, group, "the shared embedding"),), _same)
+        rules[("embed",)] = ((enc,), _same)
     else:
-        group = ["decoder.embed_tokens.weight", *head]
-        rules[("encoder", "embed")] = (("encoder.embed_tokens.weight",), _same)
-        rules[("decoder", "embed")] = ((_tie(tensors, group, "the decoder embedding"),), _same)
+        rules[("encoder", "embed")] = ((enc,), _same)
+        rules[("decoder", "embed")] = ((dec,), _same)
     if not config.tie_embeddings:
         rules[("decoder", "head")] = (("lm_head.weight",), _t)
     rules[("decoder", "logits_bias")] = (("final_logits_bias",), _flat)
@@ -649,7 +677,7 @@ def _marian_rules(config: Seq2SeqConfig, tensors: dict) -> tuple[dict[tuple, Rul
         rules |= _marian_layer_rules("encoder", i, cross=False)
     for i in range(config.num_decoder_layers):
         rules |= _marian_layer_rules("decoder", i, cross=True)
-    return rules, set(group)
+    return rules
 
 
 def _check_positions(tensors: dict, d_model: int) -> None:
@@ -693,11 +721,16 @@ def from_marian(source, config=None) -> tuple[Seq2SeqConfig, dict]:
         raise ValueError(f"config model_type is {model_type!r}, expected 'marian' (use from_gpt2 for 'gpt2')")
     sconfig = _marian_config(tensors, cfg)
     _check_positions(tensors, sconfig.d_model)
-    rules, tied = _marian_rules(sconfig, tensors)
+    enc, dec, _, _ = _marian_embeddings(tensors, cfg)
+    rules = _marian_rules(sconfig, tensors, enc, dec)
+    # Embedding copies the model does not read: tied copies (checked equal above) and, when
+    # each stack has its own embed_tokens, the unused "shared".
+    copies = {"shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+              *(["lm_head.weight"] if sconfig.tie_embeddings else [])}
     used = {n for names, _ in rules.values() for n in names}
     V = sconfig.vocab_size
     params = _build(rules, tensors, _expected_tree(sconfig),
-                    ignored=lambda n: n in _MARIAN_POSITIONS or (n in tied and n not in used),
+                    ignored=lambda n: n in _MARIAN_POSITIONS or (n in copies and n not in used),
                     optional={"final_logits_bias": np.zeros((1, V), np.float32)})
     _check_filled(params)
     return sconfig, params
@@ -728,10 +761,10 @@ def _special(model_type: str, settings: dict, vocab_size: int) -> SpecialIds:
         start = _single_id("decoder_start_token_id", get("decoder_start_token_id"))
         special = SpecialIds(eos_id=eos, pad_id=pad, decoder_start_id=pad if start is None else start,
                              bos_id=_single_id("bos_token_id", get("bos_token_id")))
-    for field in dataclasses.fields(special):
-        value = getattr(special, field.name)
+    for name in ("eos_id", "pad_id", "decoder_start_id"):  # the ids decoding uses
+        value = getattr(special, name)
         if value is not None and not 0 <= value < vocab_size:
-            raise ValueError(f"{field.name}={value} is outside the vocabulary [0, {vocab_size}): "
+            raise ValueError(f"{name}={value} is outside the vocabulary [0, {vocab_size}): "
                              "pass config= with the model's special token ids")
     return special
 

@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,9 @@ class _MarianTokenizer:
         except ImportError as e:
             raise ImportError("a Marian tokenizer needs transformers and sentencepiece "
                               "(pip install transformers sentencepiece)") from e
-        self.tok = MarianTokenizer.from_pretrained(folder, local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+            self.tok = MarianTokenizer.from_pretrained(folder, local_files_only=True)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text).input_ids)
@@ -141,12 +144,14 @@ def run(checkpoint: str, texts: list[str], *, max_new_tokens: int = 64, beams: i
     """Decodes each text with the checkpoint folder's model and tokenizer; returns the outputs.
 
     beams / length_penalty / early_stopping default to the folder's generation settings
-    (num_beams, else 1; length_penalty, else 1.0; early_stopping is True, else False).
+    (num_beams, else 1, and 1 when sampling; length_penalty, else 1.0; early_stopping is True,
+    else False).
     """
     ckpt = convert.load_checkpoint(checkpoint)
     tok = load_tokenizer(checkpoint, ckpt.model_type)
     gen = ckpt.generation
-    beams = int(gen.get("num_beams") or 1) if beams is None else beams
+    if beams is None:  # the folder's num_beams, unless sampling was asked for
+        beams = int(gen.get("num_beams") or 1) if isinstance(sampler, Greedy) else 1
     length_penalty = float(gen.get("length_penalty", 1.0)) if length_penalty is None else length_penalty
     early_stopping = gen.get("early_stopping") is True if early_stopping is None else early_stopping
     if beams > 1 and not isinstance(sampler, Greedy):
@@ -194,12 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continue (GPT-2) or translate (Marian / opus-mt) texts with jaxdec, from a local "
                     "Hugging Face checkpoint folder and its own tokenizer files. Greedy by default.",
     )
-    p.add_argument("texts", nargs="+", metavar="TEXT", help="input text(s); one output line each")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="input text(s), one batch row each; their outputs are printed in order, one per line")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="folder with config.json, model.safetensors or pytorch_model.bin, tokenizer files")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
     p.add_argument("--beams", type=int, default=None, metavar="K",
-                   help="beam search with K beams (default: the folder's num_beams, else 1 = no beams)")
+                   help="beam search with K beams (default: the folder's num_beams when not sampling, "
+                        "else 1 = no beams)")
     p.add_argument("--length-penalty", type=float, default=None,
                    help="beam score = log-prob / length**P (default: the folder's, else 1.0)")
     p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
