@@ -1,6 +1,7 @@
 """Benchmarks that print JSON lines (never asserted in unit tests).
 
     python -m jaxdec.bench decode [--repeats 5] [--batches 1 8] [--model decoder|seq2seq]
+    python -m jaxdec.bench breakdown [--batches 1 8]
     python -m jaxdec.bench train
 
 Each figure is the median of `repeats` timed runs after one warm-up (compile) run; the thread
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdec
+import jaxdec.cache
+from jaxdec.attention import attend
 
 BENCH_CONFIG = jaxdec.DecoderConfig(vocab_size=512, num_layers=4, d_model=256, num_heads=4, max_len=1024)
 
@@ -119,6 +122,70 @@ def bench_train(batch: int = 16, seq: int = 256, steps: int = 10, dtype: str = "
     return row
 
 
+def _scan_seconds(body, carry, steps: int, repeats: int) -> float:
+    """Median seconds per step of `steps` iterations of body(carry) -> carry in one lax.scan."""
+    run = jax.jit(lambda c: jax.lax.scan(lambda c, _: (body(c), None), c, length=steps)[0])
+    jax.block_until_ready(run(carry))
+    median, _ = _median_seconds(lambda: run(carry), repeats)
+    return median / steps
+
+
+def bench_decode_breakdown(batches=(1, 8), prompt_len=8, new_tokens=256, repeats=5) -> list[dict]:
+    """Where a cached decode step's time goes. The whole step (generate's time / new_tokens) next
+    to scans of its parts alone, each new_tokens steps long: attention of one query row over
+    every layer's full-capacity cache, the weight matmuls (every weight read once, as a step
+    does) and the cache writes; "other" is the rest (norms, embeddings, sampling, the loop)."""
+    config = BENCH_CONFIG
+    params = jaxdec.init_params(config, jax.random.key(0))
+    L, D, K, H = config.num_layers, config.d_model, config.kv_heads, config.head_dim
+    cap = prompt_len + new_tokens
+    rows = []
+    for batch in batches:
+        prompts = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, config.vocab_size)
+        run = lambda: jaxdec.generate(params, config, prompts, max_new_tokens=new_tokens).tokens  # noqa: E731
+        jax.block_until_ready(run())
+        step_s = _median_seconds(run, repeats)[0] / new_tokens
+
+        kv = 0.1 * jax.random.normal(jax.random.key(2), (L, batch, K, cap, H))
+        mask = jnp.ones((batch, 1, cap), bool)
+
+        def attention(q):  # q [B, 1, N, H]
+            for i in range(L):
+                q = attend(q, kv[i], kv[i], mask, heads_first=True)
+            return q
+
+        attention_s = _scan_seconds(attention, jnp.ones((batch, 1, config.num_heads, H)), new_tokens, repeats)
+        weights = [w for layer in params["layers"] for w in (layer["attn"]["qkv"], layer["attn"]["out"],
+                                                             layer["mlp"]["w_in"], layer["mlp"]["w_out"])]
+        width = max(w.shape[0] for w in weights)
+
+        def matmuls(h):  # h [B, width]
+            for w in weights + [params["embed"].T]:
+                y = h[:, : w.shape[0]] @ w
+                h = jnp.zeros_like(h).at[:, : min(y.shape[1], width)].set(y[:, :width])
+            return h
+
+        matmul_s = _scan_seconds(matmuls, jnp.ones((batch, width)) / width, new_tokens, repeats)
+        cache = jaxdec.cache.init_cache(L, batch, cap, K, H)
+        new_kv = jnp.ones((batch, 1, K, H))
+
+        def writes(c):
+            for i in range(L):
+                c = jaxdec.cache.write(c, i, new_kv, new_kv)
+            return c.replace(end=(c.end + 1) % cap)
+
+        write_s = _scan_seconds(writes, cache, new_tokens, repeats)
+        row = {
+            "bench": "decode_breakdown", "batch": batch, "capacity": cap, "step_us": round(1e6 * step_s, 1),
+            "attention_us": round(1e6 * attention_s, 1), "weight_matmuls_us": round(1e6 * matmul_s, 1),
+            "cache_writes_us": round(1e6 * write_s, 1),
+            "other_us": round(1e6 * (step_s - attention_s - matmul_s - write_s), 1), "xla_flags": _threads(),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 SEQ2SEQ_CONFIG = jaxdec.Seq2SeqConfig(vocab_size=512, num_encoder_layers=4, num_decoder_layers=4,
                                       d_model=256, num_heads=4, max_len=1024)
 
@@ -168,13 +235,18 @@ def main(argv=None) -> None:
     dec.add_argument("--new-tokens", type=int, default=256)
     dec.add_argument("--no-uncached", action="store_true")
     dec.add_argument("--model", choices=["decoder", "seq2seq"], default="decoder")
+    brk = sub.add_parser("breakdown", help="where a cached decode step's time goes")
+    brk.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    brk.add_argument("--repeats", type=int, default=5)
     tr = sub.add_parser("train", help="train-step tokens/s and fraction of matmul peak")
     tr.add_argument("--batch", type=int, default=16)
     tr.add_argument("--seq", type=int, default=256)
     tr.add_argument("--steps", type=int, default=10)
     tr.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
-    if args.what == "train":
+    if args.what == "breakdown":
+        bench_decode_breakdown(tuple(args.batches), repeats=args.repeats)
+    elif args.what == "train":
         bench_train(args.batch, args.seq, args.steps, args.dtype)
     elif args.what == "decode" and args.model == "seq2seq":
         bench_decode_seq2seq(tuple(args.batches), new_tokens=min(args.new_tokens, 128),

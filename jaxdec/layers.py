@@ -101,7 +101,9 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis, statistics in float32; x [..., D] -> [..., D]."""
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    # E[x^2] - E[x]^2 (flax's fast variance): both sums in one pass over x, so XLA emits one
+    # multi-output reduction instead of two dependent ones; the max() guards rounding below 0.
+    var = jnp.maximum(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
     scale = jnp.reshape(p["scale"], (1,) * (x.ndim - 1) + (-1,))
     bias = jnp.reshape(p["bias"], (1,) * (x.ndim - 1) + (-1,))
