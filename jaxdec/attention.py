@@ -127,15 +127,17 @@ def attend(
     if N % K:
         raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
     G = N // K
-    q = q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, q.dtype)
-    scores = jnp.einsum(f"BTKGH,{kv}->BKGTS", q, k)  # [B, K, G, T, S]
+    # Multi-head attention (G == 1) keeps 4-D operands: the grouped 5-D form costs layout copies.
+    qd, kvd, sd = ("BTKH", kv, "BKTS") if G == 1 else ("BTKGH", kv, "BKGTS")
+    q = (q if G == 1 else q.reshape(B, T, K, G, H)) * jnp.asarray(H**-0.5, q.dtype)
+    scores = jnp.einsum(f"{qd},{kvd}->{sd}", q, k)  # [B, K, (G,) T, S]
     if mask is not None:
         mask = jnp.broadcast_to(mask, (B, T, S))
         # Zero the values no query may see: a probability of 0 times NaN or inf in such a slot
         # would still poison the output.
         seen = jnp.any(mask, axis=1)  # [B, S]
         v = jnp.where(seen[:, None, :, None] if heads_first else seen[:, :, None, None], v, 0)
-        mask = mask[:, None, None]  # [B, 1, 1, T, S]
+        mask = mask[:, None] if G == 1 else mask[:, None, None]  # [B, 1, (1,) T, S]
     probs = safe_softmax(scores, mask).astype(v.dtype)
-    out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, v)  # [B, T, K, G, H]
+    out = jnp.einsum(f"{sd},{kvd}->{qd}", probs, v)  # [B, T, K, (G,) H]
     return out.reshape(B, T, N, H)

@@ -3,6 +3,7 @@
     python -m jaxdec.bench decode [--repeats 5] [--batches 1 8] [--model decoder|seq2seq]
     python -m jaxdec.bench breakdown [--batches 1 8]
     python -m jaxdec.bench train
+    python -m jaxdec.bench --single-thread decode   (XLA on one thread)
 
 Each figure is the median of `repeats` timed runs after one warm-up (compile) run; the thread
 setting is reported with every line, since on a small CPU it changes the numbers.
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -226,8 +228,14 @@ def bench_decode_seq2seq(batches=(1, 8), source_len=64, new_tokens=128, repeats=
     return rows
 
 
+SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--single-thread", action="store_true",
+                        help=f"run XLA on one thread (XLA_FLAGS={SINGLE_THREAD_FLAGS!r}); "
+                             "faster for decoding on a small CPU")
     sub = parser.add_subparsers(dest="what", required=True)
     dec = sub.add_parser("decode", help="cached vs uncached generate tokens/s")
     dec.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -244,6 +252,11 @@ def main(argv=None) -> None:
     tr.add_argument("--steps", type=int, default=10)
     tr.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
+    if args.single_thread and SINGLE_THREAD_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+        # XLA reads its flags once, when the backend starts: rerun this command with them set.
+        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_FLAGS}".strip()}
+        args_list = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "jaxdec.bench", *args_list], env)
     if args.what == "breakdown":
         bench_decode_breakdown(tuple(args.batches), repeats=args.repeats)
     elif args.what == "train":

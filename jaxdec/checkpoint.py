@@ -25,7 +25,6 @@ the host to be hashed.
 from __future__ import annotations
 
 import hashlib
-import operator
 import os
 import pathlib
 import shutil
@@ -35,6 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxdec.checks import as_step
 
 PyTree = Any
 
@@ -73,15 +74,6 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     return steps[-1] if steps else None
 
 
-def _as_step(step: Any) -> int:
-    """`step` as a non-negative Python int (accepts int, numpy/JAX integer scalars)."""
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}") from None
-    if value < 0:
-        raise ValueError(f"step must be a non-negative integer, got {value}")
-    return value
 
 
 # ------------------------------------------------------------------------ leaf handling
@@ -147,7 +139,7 @@ def save(directory: str | os.PathLike, state: PyTree, step: int, *, keep: int = 
     a step above `step` (left by a run that was then resumed from an earlier step) are deleted
     with a warning: otherwise "latest" would point back into the abandoned run.
     """
-    step = _as_step(step)
+    step = as_step(step)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
     directory = pathlib.Path(directory).absolute()  # orbax rejects relative paths
@@ -264,7 +256,7 @@ def restore(
     directory = pathlib.Path(directory).absolute()  # orbax rejects relative paths
     steps = all_steps(directory)
     if step is not None:
-        step = _as_step(step)
+        step = as_step(step)
         if step not in steps:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {directory}; available steps: {steps}"

@@ -8,6 +8,8 @@ checks as `checkify` assertions for a checked mode.
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,17 @@ def as_array(x):
     if x is None or isinstance(x, (jax.Array, np.ndarray)):
         return x
     return np.asarray(x)
+
+
+def as_step(step) -> int:
+    """`step` as a non-negative Python int (accepts int, numpy/JAX integer scalars)."""
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}") from None
+    if value < 0:
+        raise ValueError(f"step must be a non-negative integer, got {value}")
+    return value
 
 
 def check_int_array(name: str, x, ndim: int) -> None:

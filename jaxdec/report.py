@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import numbers
-import operator
 import os
 import pathlib
 import warnings
 from typing import Any
 
 import numpy as np
+
+from jaxdec.checks import as_step
 
 
 def _jsonable(name: str, value: Any) -> Any:
@@ -63,12 +64,7 @@ class MetricsLog:
         scalars (converted to Python int/float/bool), str or None. NaN/inf are written as
         NaN/Infinity, which Python's json (and `read`) accepts.
         """
-        try:
-            step = operator.index(step)
-        except TypeError:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}") from None
-        if step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step}")
+        step = as_step(step)
         record = {"step": step, **{k: _jsonable(k, v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a crash loses at most the line being written
