@@ -64,7 +64,7 @@ class BeamState:
     done: jax.Array
 
 
-def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, eos_id, pad_id,
+def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, eos_id,
                  length_penalty: float, early_stopping: bool, max_new_tokens: int):
     """Ranks continuations for new-token index t; returns the new state and the parent rows.
 
@@ -145,7 +145,7 @@ def _beam_search(params, config, prompts, lengths, source, source_lengths, eos_i
     )
     log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
     log_probs = jnp.broadcast_to(log_probs[:, None], (B, W, log_probs.shape[-1]))
-    update = functools.partial(_beam_update, eos_id=eos_id, pad_id=pad_id, length_penalty=length_penalty,
+    update = functools.partial(_beam_update, eos_id=eos_id, length_penalty=length_penalty,
                                early_stopping=early_stopping, max_new_tokens=N)
     state, rows, last_tokens = update(state, log_probs, 0)
     positions = jnp.repeat(lengths, W)

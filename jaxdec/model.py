@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxdec import cache as kv_cache
 from jaxdec import layers
-from jaxdec.attention import attend, causal_mask, decoder_self_mask
+from jaxdec.attention import attend, causal_mask, combine_masks, decoder_self_mask, key_range_mask
 from jaxdec.cache import CrossKV
 from jaxdec.config import DecoderConfig
 
@@ -171,7 +171,8 @@ def aligned_positions(starts: jax.Array, width: int) -> jax.Array:
 
 def aligned_self_mask(starts: jax.Array, width: int) -> jax.Array:
     """Causal mask over right-aligned slots that hides each example's left padding: [B, W, W]."""
-    return causal_mask(width)[None] & (jnp.arange(width)[None, None, :] >= starts[:, None, None])
+    valid_keys = key_range_mask(starts, jnp.full_like(starts, width), width)  # [B, W]
+    return combine_masks(causal_mask(width)[None], valid_keys[:, None, :])
 
 
 def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, starts: jax.Array, capacity: int,
