@@ -104,6 +104,7 @@ def attend(
     mask: jax.Array | None = None,
     *,
     heads_first: bool = False,
+    zero_unseen_values: bool = True,
 ) -> jax.Array:
     """Multi-head scaled dot-product attention with grouped K/V heads.
 
@@ -114,13 +115,17 @@ def attend(
         dot wants, so no per-step transpose copy of the cache.
       v: [B, S, K, H] values ([B, K, S, H] with heads_first).
       mask: bool broadcastable to [B, T, S] (or [T, S] unbatched), True where allowed; None: all.
+      zero_unseen_values: zero the values no query may see, so NaN or inf there cannot reach the
+        output through 0 * NaN. The cached decode step turns this per-step pass over the cache
+        off: its unseen slots hold zeros or K/V computed from finite activations.
 
     Returns:
       [B, T, N, H] in q's dtype. Rows with no allowed key are zeros.
     """
     if q.ndim == 3:
         mask = None if mask is None else jnp.asarray(mask)[None]
-        return attend(q[None], k[None], v[None], mask, heads_first=heads_first)[0]
+        return attend(q[None], k[None], v[None], mask, heads_first=heads_first,
+                      zero_unseen_values=zero_unseen_values)[0]
     B, T, N, H = q.shape
     K, S = (k.shape[1], k.shape[2]) if heads_first else (k.shape[2], k.shape[1])
     kv = "BKSH" if heads_first else "BSKH"
@@ -133,10 +138,9 @@ def attend(
     scores = jnp.einsum(f"{qd},{kvd}->{sd}", q, k)  # [B, K, (G,) T, S]
     if mask is not None:
         mask = jnp.broadcast_to(mask, (B, T, S))
-        # Zero the values no query may see: a probability of 0 times NaN or inf in such a slot
-        # would still poison the output.
-        seen = jnp.any(mask, axis=1)  # [B, S]
-        v = jnp.where(seen[:, None, :, None] if heads_first else seen[:, :, None, None], v, 0)
+        if zero_unseen_values:  # a probability of 0 times NaN or inf would still poison the output
+            seen = jnp.any(mask, axis=1)  # [B, S]
+            v = jnp.where(seen[:, None, :, None] if heads_first else seen[:, :, None, None], v, 0)
         mask = mask[:, None] if G == 1 else mask[:, None, None]  # [B, 1, (1,) T, S]
     probs = safe_softmax(scores, mask).astype(v.dtype)
     out = jnp.einsum(f"{sd},{kvd}->{qd}", probs, v)  # [B, T, K, (G,) H]

@@ -116,11 +116,13 @@ def _dropper(rate: float, rng: jax.Array | None):
     return lambda y, site: layers.dropout(y, rate, jax.random.fold_in(rng, site))
 
 
-def cross_sublayer(p: dict, config, x: jax.Array, cross: CrossKV, layer: int, drop=lambda y: y):
+def cross_sublayer(p: dict, config, x: jax.Array, cross: CrossKV, layer: int, drop=lambda y: y,
+                   zero_unseen_values: bool = True):
     """Cross-attention: Q from the decoder stream x [B,T,D], K/V precomputed from the encoder."""
     h = sublayer_in(p["cross_norm"], config, x)
     q = layers.project_q(p["cross"], h, config.num_heads)
-    o = attend(q, cross.k[layer], cross.v[layer], cross.mask()[:, None, :], heads_first=True)
+    o = attend(q, cross.k[layer], cross.v[layer], cross.mask()[:, None, :], heads_first=True,
+               zero_unseen_values=zero_unseen_values)
     return sublayer_out(p["cross_norm"], config, x, drop(layers.project_out(p["cross"], o)))
 
 
@@ -214,10 +216,12 @@ def decode_step(params: dict, config: DecoderConfig, cache, tokens: jax.Array, p
         h = sublayer_in(p["attn_norm"], config, x)
         q, k, v = self_qkv(p["attn"], config, h, positions[:, None])
         cache = kv_cache.write(cache, i, k, v)
-        o = attend(q, cache.k[i], cache.v[i], mask, heads_first=True)
+        # Unseen cache slots hold zeros or the prefill's K/V of left padding, finite by
+        # construction: skip attend's per-step zeroing pass over the whole cache.
+        o = attend(q, cache.k[i], cache.v[i], mask, heads_first=True, zero_unseen_values=False)
         x = sublayer_out(p["attn_norm"], config, x, layers.project_out(p["attn"], o))
         if cross is not None:
-            x = cross_sublayer(p, config, x, cross, i)
+            x = cross_sublayer(p, config, x, cross, i, zero_unseen_values=False)
         x = mlp_sublayer(p, config, x)
     return output_logits(params, config, x)[:, 0], kv_cache.advance(cache, 1)
 
