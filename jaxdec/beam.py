@@ -18,12 +18,10 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxdec import api, checks, model, seq2seq
+from jaxdec import api, seq2seq
 from jaxdec.cache import KVCache
-from jaxdec.config import Seq2SeqConfig
-from jaxdec.decode import GenerateResult, _check_generate_args, _pad_to, check_special_ids, right_align
+from jaxdec.decode import GenerateResult, _prefill_and_step, prepare_inputs, right_align
 from jaxdec.sampling import Greedy
 
 NEG_INF = -1.0e9  # finite "impossible" score: keeps arithmetic NaN-free
@@ -127,12 +125,8 @@ def _beam_search(params, config, prompts, lengths, source, source_lengths, eos_i
                  beam_size, max_new_tokens, capacity, length_penalty, early_stopping):
     B, W, N = prompts.shape[0], beam_size, max_new_tokens
     tokens, starts = right_align(prompts, lengths, capacity - max_new_tokens)
-    if isinstance(config, Seq2SeqConfig):
-        logits, cache = seq2seq.prefill(params, config, tokens, starts, capacity, source, source_lengths)
-        step = seq2seq.decode_step
-    else:
-        logits, cache = model.prefill(params, config, tokens, starts, capacity)
-        step = model.decode_step
+    logits, cache, step = _prefill_and_step(params, config, tokens, starts, capacity, source,
+                                            source_lengths, use_cache=True, cache_cross=True)
     state = BeamState(
         cache=_repeat_rows(cache, W),
         running_tokens=jnp.full((B, W, N), pad_id, jnp.int32),
@@ -197,17 +191,10 @@ def beam_search(
         raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}")
     if beam_size * 2 > config.vocab_size:
         raise ValueError(f"beam_size {beam_size} needs 2 * beam_size <= vocab_size={config.vocab_size}")
-    prompts, prompt_lengths = checks.as_array(prompts), checks.as_array(prompt_lengths)
-    source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
-    lengths, capacity = _check_generate_args(config, prompts, prompt_lengths, max_new_tokens,
-                                             capacity, Greedy(), None)
-    check_special_ids(config, eos_id, pad_id)
-    source_lengths = api.check_source(config, source, source_lengths)
-    if source is not None:
-        source = jnp.asarray(source, jnp.int32)
+    inputs, capacity = prepare_inputs(config, prompts, prompt_lengths, source, source_lengths,
+                                      max_new_tokens, capacity, Greedy(), None, eos_id, pad_id)
     return _beam_search(
-        params, config, _pad_to(prompts, capacity - max_new_tokens), jnp.asarray(lengths, jnp.int32),
-        source, source_lengths, jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
-        jnp.asarray(pad_id, jnp.int32), beam_size=beam_size, max_new_tokens=max_new_tokens,
+        params, config, inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths,
+        inputs.eos_id, inputs.pad_id, beam_size=beam_size, max_new_tokens=max_new_tokens,
         capacity=capacity, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
     )

@@ -20,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jaxdec
 import jaxdec.cache
@@ -140,7 +139,7 @@ def bench_decode_breakdown(batches=(1, 8), prompt_len=8, new_tokens=256, repeats
     does) and the cache writes; "other" is the rest (norms, embeddings, sampling, the loop)."""
     config = BENCH_CONFIG
     params = jaxdec.init_params(config, jax.random.key(0))
-    L, D, K, H = config.num_layers, config.d_model, config.kv_heads, config.head_dim
+    L, K, H = config.num_layers, config.kv_heads, config.head_dim
     cap = prompt_len + new_tokens
     rows = []
     for batch in batches:

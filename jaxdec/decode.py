@@ -11,7 +11,7 @@ the loop as one XLA program.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -213,6 +213,46 @@ def _pad_to(prompts, width: int):
     return jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, width - P)))
 
 
+class DecodeInputs(NamedTuple):
+    """Validated device inputs of a decode: prompts int32 [B, capacity - max_new_tokens]
+    (right-padded), lengths int32 [B], source / source_lengths (encoder-decoder, else None),
+    eos_id int32 [] (-1: none), pad_id int32 []."""
+
+    prompts: jax.Array
+    lengths: jax.Array
+    source: jax.Array | None
+    source_lengths: jax.Array | None
+    eos_id: jax.Array
+    pad_id: jax.Array
+
+
+def prepare_inputs(config, prompts, prompt_lengths, source, source_lengths, max_new_tokens,
+                   capacity, sampler, key, eos_id, pad_id) -> tuple[DecodeInputs, int]:
+    """Host checks shared by `generate` and `beam_search` (ValueError before any compute), then
+    the arrays their compiled programs take, and the resolved capacity."""
+    api.check_config(config)
+    prompts, prompt_lengths = checks.as_array(prompts), checks.as_array(prompt_lengths)
+    source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
+    lengths, capacity = _check_generate_args(
+        config, prompts, prompt_lengths, max_new_tokens, capacity, sampler, key
+    )
+    check_special_ids(config, eos_id, pad_id)
+    source_lengths = api.check_source(config, source, source_lengths)
+    if source is not None:
+        if np.shape(source)[0] != np.shape(prompts)[0]:
+            raise ValueError(f"source has batch {np.shape(source)[0]}, prompts have {np.shape(prompts)[0]}")
+        source = jnp.asarray(source, jnp.int32)
+    inputs = DecodeInputs(
+        prompts=_pad_to(prompts, capacity - max_new_tokens),
+        lengths=jnp.asarray(lengths, jnp.int32),
+        source=source,
+        source_lengths=source_lengths,
+        eos_id=jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
+        pad_id=jnp.asarray(pad_id, jnp.int32),
+    )
+    return inputs, capacity
+
+
 def generate(
     params,
     config: DecoderConfig | Seq2SeqConfig,
@@ -253,24 +293,12 @@ def generate(
     Returns:
       GenerateResult(tokens int32 [B, max_new_tokens], lengths int32 [B], logits).
     """
-    api.check_config(config)
-    prompts, prompt_lengths = checks.as_array(prompts), checks.as_array(prompt_lengths)
-    source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
-    lengths, capacity = _check_generate_args(
-        config, prompts, prompt_lengths, max_new_tokens, capacity, sampler, key
-    )
-    check_special_ids(config, eos_id, pad_id)
-    source_lengths = api.check_source(config, source, source_lengths)
-    if source is not None:
-        if np.shape(source)[0] != np.shape(prompts)[0]:
-            raise ValueError(f"source has batch {np.shape(source)[0]}, prompts have {np.shape(prompts)[0]}")
-        source = jnp.asarray(source, jnp.int32)
+    inputs, capacity = prepare_inputs(config, prompts, prompt_lengths, source, source_lengths,
+                                      max_new_tokens, capacity, sampler, key, eos_id, pad_id)
     if key is None:
         key = jax.random.key(0)  # unused by Greedy; keeps one compiled program
     return _generate(
-        params, config, _pad_to(prompts, capacity - max_new_tokens),
-        jnp.asarray(lengths, jnp.int32), source, source_lengths, key,
-        jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32),
-        sampler=sampler, max_new_tokens=max_new_tokens, capacity=capacity, use_cache=use_cache,
-        cache_cross=cache_cross, return_logits=return_logits,
+        params, config, inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths, key,
+        inputs.eos_id, inputs.pad_id, sampler=sampler, max_new_tokens=max_new_tokens,
+        capacity=capacity, use_cache=use_cache, cache_cross=cache_cross, return_logits=return_logits,
     )

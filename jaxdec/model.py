@@ -9,7 +9,6 @@ Three small functions per phase share the same layers:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.struct

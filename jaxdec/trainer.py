@@ -11,10 +11,7 @@ import json
 import math
 import pathlib
 import time
-from typing import Literal
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
