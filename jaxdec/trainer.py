@@ -365,5 +365,7 @@ def run(cfg: RunConfig) -> dict:
     log.close()
     report.plot_loss_curve(metrics_path, out / "loss.png", title=f"jaxdec {cfg.name}")
     print(f"metrics: {metrics_path}; loss curve: {out / 'loss.png'}")
+    if cfg.checkpoint_every:  # the report reads the run's config.json and newest checkpoint
+        print(f"see inside: python -m jaxdec.explain --checkpoint {ckpt_dir} --out {out / 'explain'}")
     print(final_line)
     return final

@@ -1,0 +1,910 @@
+"""`python -m jaxdec.explain`: one HTML page that shows what a model attends to and what the KV cache saves.
+
+    python -m jaxdec.explain --checkpoint runs/stdlib/checkpoints --out runs/stdlib/explain
+    python -m jaxdec.explain --checkpoint runs/dates/checkpoints --out runs/dates/explain
+    python -m jaxdec.explain --task dates --out runs/explain-dates   # a small random model
+
+The page (`report.html`, every image embedded, so the file alone is the report) and its PNGs:
+- `causal_mask.png`: the causal mask of "[SOS] 나는 학교에 간다" over its byte tokens;
+  `padding_mask.png` and `padded_causal_mask.png`: a batch of unequal lengths, padded.
+- `self_attention_layer{i}.png` (and, for an encoder-decoder, `encoder_attention_layer{i}.png`,
+  `cross_attention_layer{i}.png`): every head's probabilities from `jaxdec.inspect.attention`.
+- `decode_cost.png`: per generated step, query rows, counted FLOPs and measured time of the
+  uncached path (a full forward over the growing prefix) and the cached path (one query row).
+
+The tokenizer is bytes, so a Hangul syllable is three tokens: axes label each byte and group
+the bytes of one character under it. Text is drawn with NanumGothic, which the
+`koreanize-matplotlib` wheel ships (a project dependency): nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import datetime
+import functools
+import html
+import importlib.metadata
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec import api, checkpoint
+from jaxdec import inspect as jinspect
+from jaxdec.attention import decoder_self_mask, padding_mask
+from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
+from jaxdec.data import dates
+from jaxdec.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+from jaxdec.decode import generate
+
+TOKENIZER = ByteTokenizer()
+
+# The issue's sentences. SEED: the causal mask; PADDED: a batch of unequal lengths.
+SEED_SENTENCE = "나는 학교에 간다"
+PADDED_SENTENCES = ("오늘 어디에 갈꺼니?", SEED_SENTENCE)
+DEFAULT_LM_TEXT = 'print("나는 학교에 간다")'
+DEFAULT_DATES_TEXT = "2026년 11월 23일 월요일"
+
+# A small random model per task when no checkpoint is given: seconds end to end on a CPU.
+RANDOM_MODELS = {
+    "lm": DecoderConfig(vocab_size=VOCAB_SIZE, num_layers=2, d_model=64, num_heads=4, max_len=128,
+                        position="rope"),
+    "dates": Seq2SeqConfig(vocab_size=VOCAB_SIZE, num_encoder_layers=1, num_decoder_layers=1,
+                           d_model=64, num_heads=4, max_len=64),
+}
+
+
+# --- the Hangul font --------------------------------------------------------------------------
+
+FONT_DISTRIBUTION = "koreanize-matplotlib"  # its wheel ships NanumGothic (SIL Open Font License)
+FONT_FILE = "NanumGothic.ttf"
+FONT_FAMILY = "NanumGothic"
+
+
+@functools.lru_cache(maxsize=None)
+def hangul_font() -> pathlib.Path:
+    """Registers NanumGothic with matplotlib; returns the file matplotlib resolves the family to.
+
+    The font is found through the installed distribution's file list rather than by importing
+    `koreanize_matplotlib`: that import rewrites matplotlib's global rcParams and needs
+    `distutils`, which Python 3.12 removed.
+    """
+    from matplotlib import font_manager
+
+    try:
+        files = importlib.metadata.files(FONT_DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"the Hangul font comes from the {FONT_DISTRIBUTION!r} package, which is not "
+            "installed: pip install -e '.[train]'"
+        ) from None
+    path = next((pathlib.Path(f.locate()) for f in files if f.name == FONT_FILE), None)
+    if path is None or not path.is_file():
+        raise RuntimeError(f"{FONT_DISTRIBUTION!r} is installed without {FONT_FILE}; reinstall it")
+    font_manager.fontManager.addfont(str(path))
+    props = font_manager.FontProperties(family=FONT_FAMILY)
+    return pathlib.Path(font_manager.findfont(props, fallback_to_default=False))
+
+
+@functools.lru_cache(maxsize=None)
+def font_codepoints(path: pathlib.Path | None = None) -> frozenset[int]:
+    """The code points the font at `path` (default: the resolved Hangul font) has glyphs for."""
+    from matplotlib import ft2font
+
+    return frozenset(ft2font.FT2Font(str(path or hangul_font())).get_charmap())
+
+
+def drawable(text: str) -> str:
+    """`text` with every character the font lacks written as U+XXXX, so no tofu box is drawn."""
+    have = font_codepoints()
+    return "".join(c if ord(c) in have or c.isspace() else f"U+{ord(c):04X}" for c in text)
+
+
+def _rc() -> dict:
+    # The minus sign U+2212 is not in NanumGothic: tick labels use the ASCII hyphen instead.
+    return {"font.family": [FONT_FAMILY, "DejaVu Sans"], "axes.unicode_minus": False,
+            "font.size": 9}
+
+
+def _figure(width: float, height: float):
+    """A Figure with its own Agg canvas: no pyplot, no display, no global backend state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: pathlib.Path) -> pathlib.Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    return path
+
+
+# --- byte labels ------------------------------------------------------------------------------
+
+SPECIAL_NAMES = {BOS_ID: "SOS", EOS_ID: "EOS", PAD_ID: "PAD"}  # "[SOS]" is the tokenizer's BOS
+_SHOWN_ASCII = {" ": "SP", "\n": "¶", "\t": "→"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One displayed character: token ids [start, stop) and its text ("" for a lone byte)."""
+
+    start: int
+    stop: int
+    text: str
+
+
+def _utf8_width(lead: int) -> int:
+    """Bytes in the UTF-8 sequence a lead byte starts (1 for ASCII or a stray byte)."""
+    return 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 else 1
+
+
+def units(ids: Sequence[int]) -> list[Unit]:
+    """Groups byte ids into characters: the UTF-8 bytes of one syllable form one Unit.
+
+    ids: token ids (bytes 0..255 and the specials). A malformed sequence leaves its bytes as
+    single-byte units with no text.
+    """
+    ids = [int(i) for i in ids]
+    out, i = [], 0
+    while i < len(ids):
+        width = _utf8_width(ids[i]) if ids[i] < 256 else 1
+        chunk = ids[i : i + width]
+        text = ""
+        if width > 1 and len(chunk) == width and all(0x80 <= b < 0xC0 for b in chunk[1:]):
+            try:
+                text = bytes(chunk).decode("utf-8")
+            except UnicodeDecodeError:
+                text = ""
+        if width > 1 and not text:
+            width = 1
+        out.append(Unit(i, i + width, text))
+        i += width
+    return out
+
+
+def byte_label(token: int, in_group: bool) -> str:
+    """One tick label: a special's name, a printable ASCII byte as itself, else two hex digits."""
+    if token in SPECIAL_NAMES:
+        return SPECIAL_NAMES[token]
+    if token >= 256:
+        return str(token)
+    if in_group or token >= 0x80:
+        return f"{token:02X}"
+    char = chr(token)
+    if char in _SHOWN_ASCII:
+        return _SHOWN_ASCII[char]
+    return char if char.isprintable() else f"{token:02X}"
+
+
+def token_labels(ids: Sequence[int]) -> tuple[list[str], list[Unit]]:
+    """Per-token tick labels and the multi-byte characters to draw under them."""
+    groups = [u for u in units(ids) if u.stop - u.start > 1]
+    grouped = {i for u in groups for i in range(u.start, u.stop)}
+    return [byte_label(int(t), i in grouped) for i, t in enumerate(ids)], groups
+
+
+def text_of(ids: Sequence[int]) -> str:
+    """ids as readable text: specials as [SOS] / [EOS] / [PAD], bytes decoded (invalid: U+FFFD)."""
+    parts, run = [], []
+    for t in (int(i) for i in ids):
+        if t in SPECIAL_NAMES:
+            parts.append(bytes(run).decode("utf-8", errors="replace"))
+            parts.append(f"[{SPECIAL_NAMES[t]}]")
+            run = []
+        else:
+            run.append(t)
+    parts.append(bytes(run).decode("utf-8", errors="replace"))
+    return "".join(parts)
+
+
+def _label_axis(ax, ids: Sequence[int], axis: str, *, side: str | None = None, byte_size: float = 6.5,
+                char_size: float = 10.0, color: str = "black") -> None:
+    """Writes each token's byte label beside an axis and each multi-byte character under its bytes.
+
+    axis "x" labels columns below the axes (above with side="top"); axis "y" labels rows left of
+    the axes (right with side="right"). Labels are drawn as text, not ticks, so a character can
+    span the tick positions of its bytes.
+    """
+    from matplotlib import transforms
+    from matplotlib.lines import Line2D
+
+    labels, groups = token_labels(ids)
+    fig = ax.figure
+    horizontal = axis == "x"
+    flip = side in ("top", "right")
+    sign = 1 if flip else -1
+    base = ax.get_xaxis_transform() if horizontal else ax.get_yaxis_transform()
+    anchor = (1.0 if flip else 0.0)
+
+    def shifted(points: float):
+        dx, dy = (0, sign * points) if horizontal else (sign * points, 0)
+        return transforms.offset_copy(base, fig=fig, x=dx, y=dy, units="points")
+
+    longest = max((len(s) for s in labels), default=1)
+    # Vertical text beside a column: its height grows with the label's length.
+    extent = (longest * 0.62 * byte_size if horizontal else longest * 0.6 * byte_size)
+    near = shifted(2)
+    for i, label in enumerate(labels):
+        rotate = horizontal and len(label) > 2
+        xy = (i, anchor) if horizontal else (anchor, i)
+        if horizontal:
+            ha, va = "center", ("bottom" if flip else "top")
+        else:
+            ha, va = ("left" if flip else "right"), "center"
+        ax.text(*xy, drawable(label), transform=near, fontsize=byte_size, ha=ha, va=va, color=color,
+                rotation=90 if rotate else 0, clip_on=False)
+    tick_room = (extent if any(len(s) > 2 for s in labels) else 1.2 * byte_size) if horizontal else extent
+    bracket = shifted(tick_room + 4)
+    under = shifted(tick_room + 6)
+    for g in groups:
+        lo, hi, mid = g.start - 0.4, g.stop - 0.6, (g.start + g.stop - 1) / 2
+        line = ([lo, hi], [anchor, anchor]) if horizontal else ([anchor, anchor], [lo, hi])
+        ax.add_artist(Line2D(*line, transform=bracket, color="0.45", linewidth=0.8, clip_on=False))
+        xy = (mid, anchor) if horizontal else (anchor, mid)
+        if horizontal:
+            ha, va = "center", ("bottom" if flip else "top")
+        else:
+            ha, va = ("left" if flip else "right"), "center"
+        ax.text(*xy, drawable(g.text), transform=under, fontsize=char_size, ha=ha, va=va, color=color,
+                clip_on=False)
+
+
+def _grid(ax, rows: int, cols: int) -> None:
+    """White cell borders and no ticks (labels are drawn by _label_axis)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xticks(np.arange(-0.5, cols, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, rows, 1), minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.6)
+    ax.tick_params(which="both", length=0)
+
+
+# --- masks ------------------------------------------------------------------------------------
+
+MASK_COLORS = ("#f1f1f1", "#2f6db5")  # masked, allowed
+
+
+def encode_sentence(text: str) -> np.ndarray:
+    """[SOS] + UTF-8 bytes of text: int32 [T]."""
+    return TOKENIZER.encode(text, bos=True)
+
+
+def padded_batch(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """[SOS] + bytes of each text, right-padded with PAD: tokens int32 [B, T], lengths int32 [B]."""
+    rows = [encode_sentence(t) for t in texts]
+    width = max(len(r) for r in rows)
+    tokens = np.full((len(rows), width), PAD_ID, np.int32)
+    for b, r in enumerate(rows):
+        tokens[b, : len(r)] = r
+    return tokens, np.array([len(r) for r in rows], np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def mask_tables(lengths: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """The model's own mask functions, in one compiled program: lengths int32 [B] ->
+    (decoder self mask bool [B, T, T], padding mask bool [B, T]) with T = width."""
+    return decoder_self_mask(lengths, width), padding_mask(lengths, width)
+
+
+def _cell_size(n: int) -> float:
+    """Inches per grid cell: large enough for a two-hex-digit label, smaller for long inputs."""
+    return float(np.clip(7.5 / max(n, 1), 0.16, 0.32))
+
+
+def plot_mask(mask: np.ndarray, row_ids: Sequence[int], col_ids: Sequence[int], title: str,
+              path: pathlib.Path, note: str = "") -> pathlib.Path:
+    """A boolean mask bool [T, S] as a labelled grid (blue: may attend), rows = queries."""
+    from matplotlib.colors import ListedColormap
+
+    T, S = mask.shape
+    cell = _cell_size(max(T, S))
+    fig = _figure(cell * S + 1.5, cell * T + 1.5)
+    ax = fig.add_axes((0.12, 0.12, 0.85, 0.8))
+    ax.imshow(mask.astype(np.int32), cmap=ListedColormap(MASK_COLORS), vmin=0, vmax=1, aspect="equal",
+              interpolation="nearest")
+    _grid(ax, T, S)
+    _label_axis(ax, col_ids, "x")
+    _label_axis(ax, row_ids, "y")
+    ax.set_title(drawable(title + ("\n" + note if note else "")), fontsize=10.5, pad=8)
+    ax.set_xlabel("key (column): the token looked at", labelpad=38)
+    ax.set_ylabel("query (row): the token looking", labelpad=40)
+    return _save(fig, path)
+
+
+def plot_padding(texts: Sequence[str], tokens: np.ndarray, lengths: np.ndarray,
+                 path: pathlib.Path) -> pathlib.Path:
+    """The padding (key) mask of a right-padded batch: one strip per example, bool [B, S]."""
+    from matplotlib.colors import ListedColormap
+
+    B, S = tokens.shape
+    keys = np.asarray(mask_tables(jnp.asarray(lengths), S)[1])  # [B, S]
+    cell = _cell_size(S)
+    fig = _figure(cell * S + 1.5, 1.35 * B + 0.6)
+    for b in range(B):
+        ax = fig.add_axes((0.08, 1 - (b + 1) / B + 0.25 / B, 0.9, 0.45 / B))
+        ax.imshow(keys[b : b + 1].astype(np.int32), cmap=ListedColormap(MASK_COLORS), vmin=0, vmax=1,
+                  aspect="equal", interpolation="nearest")
+        _grid(ax, 1, S)
+        _label_axis(ax, tokens[b], "x")
+        ax.set_title(drawable(f'example {b}: "[SOS] {texts[b]}" — length {int(lengths[b])}, '
+                              f"{S - int(lengths[b])} padding"),
+                     fontsize=10, loc="left")
+    fig.suptitle("padding mask: key j of example b may be attended iff j < length[b] (grey: PAD, never "
+                 "attended)", fontsize=10.5, x=0.08, ha="left", y=1.04)
+    return _save(fig, path)
+
+
+# --- attention heatmaps -----------------------------------------------------------------------
+
+
+def plot_heads(probs: np.ndarray, mask: np.ndarray, row_ids: Sequence[int], col_ids: Sequence[int],
+               title: str, path: pathlib.Path, next_ids: Sequence[int] | None = None) -> pathlib.Path:
+    """One layer's heads side by side: probs float32 [N, T, S], mask bool [T, S] (grey: masked).
+
+    next_ids: the token each row predicts, written right of the last panel (teacher forcing).
+    """
+    from matplotlib.colors import PowerNorm
+
+    import matplotlib
+
+    N, T, S = probs.shape
+    per_row = int(np.ceil(np.sqrt(N)))  # a near-square grid of panels keeps the page narrow
+    grid_rows = -(-N // per_row)
+    cell = _cell_size(max(T, S)) * (0.8 if N > 1 else 1.0)
+    panel_w, panel_h = cell * S, cell * T
+    # Room around each panel for the byte labels and the characters under them.
+    pad_w, pad_h = 1.2, 1.0
+    fig = _figure(per_row * (panel_w + pad_w) + 1.2, grid_rows * (panel_h + pad_h) + 0.9)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e3e3e3")
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)  # sqrt scale: small weights stay visible
+    W, H = fig.get_size_inches()
+    image = None
+    for n in range(N):
+        r, c = divmod(n, per_row)
+        left = (0.9 + c * (panel_w + pad_w)) / W
+        bottom = 1 - (0.6 + r * (panel_h + pad_h) + panel_h) / H
+        ax = fig.add_axes((left, bottom, panel_w / W, panel_h / H))
+        image = ax.imshow(np.ma.masked_where(~mask, probs[n]), cmap=cmap, norm=norm, aspect="equal",
+                          interpolation="nearest")
+        _grid(ax, T, S)
+        ax.grid(False)
+        _label_axis(ax, col_ids, "x", byte_size=5.5, char_size=8.5)
+        if c == 0:
+            _label_axis(ax, row_ids, "y", byte_size=5.5, char_size=8.5)
+        if next_ids is not None and (c == per_row - 1 or n == N - 1):
+            _label_axis(ax, next_ids, "y", side="right", byte_size=5.5, char_size=8.5, color="#8a3b12")
+        ax.set_title(f"head {n}", fontsize=9, pad=3)
+    fig.suptitle(drawable(title), fontsize=11, x=0.02, ha="left", y=1 - 0.12 / H, va="top")
+    cax = fig.add_axes((1 - 0.25 / W, 0.25, 0.12 / W, 0.5))
+    fig.colorbar(image, cax=cax).set_label("probability (square-root scale); grey: masked", fontsize=8)
+    return _save(fig, path)
+
+
+# --- decode cost ------------------------------------------------------------------------------
+
+
+def _block_flops(config, rows: int, keys: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one self-attention block + MLP over `rows` queries
+    attending to `keys` keys: QKV and output projections, scores, probs @ V, the MLP."""
+    D, N, K, H, F = config.d_model, config.num_heads, config.kv_heads, config.head_dim, config.ff_dim
+    projections = 2 * rows * D * (N + 2 * K) * H + 2 * rows * N * H * D
+    attention = 2 * 2 * rows * keys * N * H
+    return projections + attention + 2 * 2 * rows * D * F
+
+
+def decoder_flops(config, rows: int, keys: int, logit_rows: int, source_len: int = 0) -> int:
+    """FLOPs of the decoder stack over `rows` query rows and `keys` self-attention keys, plus
+    cross-attention to `source_len` encoder positions (encoder-decoder) and the output head on
+    `logit_rows` rows."""
+    D, N, H, V = config.d_model, config.num_heads, config.head_dim, config.vocab_size
+    per_layer = _block_flops(config, rows, keys)
+    if source_len:
+        per_layer += 2 * rows * D * N * H * 2 + 2 * 2 * rows * source_len * N * H  # Q, out; scores, PV
+    return config.num_layers * per_layer + 2 * logit_rows * D * V
+
+
+def encoder_flops(config: Seq2SeqConfig, source_len: int) -> int:
+    """FLOPs of the encoder over `source_len` positions plus every decoder layer's cross K/V
+    projection of its output."""
+    D, K, H = config.d_model, config.kv_heads, config.head_dim
+    return (config.num_encoder_layers * _block_flops(config, source_len, source_len)
+            + config.num_decoder_layers * 2 * source_len * D * 2 * K * H)
+
+
+@dataclasses.dataclass
+class DecodeCost:
+    """Per generated step j = 1..n of greedy decoding after a P-token prompt.
+
+    Attributes:
+      steps: int [n], 1..n.
+      uncached_rows, cached_rows: int [n], query rows computed at each step (uncached: the whole
+        prefix P + j - 1; cached: the prompt at step 1, then one row).
+      uncached_flops, cached_flops: float [n], counted matmul FLOPs per step.
+      sampled_steps: the steps whose uncached forward was timed; uncached_seconds_sampled their
+        median seconds; uncached_seconds: float [n], linearly interpolated between them.
+      cached_seconds: float [n]: step 1 = the measured prefill + first step, later steps = the
+        measured per-step time of the cached scan.
+      totals: measured and counted totals (see `measure_decode_cost`).
+      generated: the n greedy tokens.
+    """
+
+    steps: np.ndarray
+    uncached_rows: np.ndarray
+    cached_rows: np.ndarray
+    uncached_flops: np.ndarray
+    cached_flops: np.ndarray
+    sampled_steps: np.ndarray
+    uncached_seconds_sampled: np.ndarray
+    uncached_seconds: np.ndarray
+    cached_seconds: np.ndarray
+    totals: dict
+    generated: np.ndarray
+    prompt_len: int
+    capacity: int
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs, after one untimed run (compilation)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+_apply = jax.jit(api.apply, static_argnames=("config",))
+
+
+def measure_decode_cost(params, config, prompt: np.ndarray, new_tokens: int, *, samples: int,
+                        repeats: int, source: np.ndarray | None = None) -> DecodeCost:
+    """Counts and times greedy decoding of `new_tokens` tokens after `prompt`, both ways.
+
+    Uncached: step j runs a full forward (`jaxdec.api.apply`, jitted) over the prefix of
+    P + j - 1 tokens, the way a model without a cache must; it is timed at `samples` evenly
+    spaced steps (one compilation per prefix length). Cached: `jaxdec.generate(use_cache=True)`
+    for new_tokens and for 1 token at the same capacity; their difference over new_tokens - 1
+    is the time of one cached step. `jaxdec.generate(use_cache=False)` (the library's baseline,
+    which recomputes its whole fixed-size buffer every step) is timed too, for the totals.
+
+    Args:
+      prompt: int32 [P]. source: int32 [S] (encoder-decoder only).
+      new_tokens: n >= 2. samples: >= 2 timed uncached steps. repeats: >= 1 timings per median.
+    """
+    P = len(prompt)
+    capacity = P + new_tokens
+    prompts = jnp.asarray(prompt, jnp.int32)[None]  # [1, P]
+    enc = {} if source is None else {"source": jnp.asarray(source, jnp.int32)[None],
+                                     "source_lengths": jnp.asarray([len(source)], jnp.int32)}
+    S_src = 0 if source is None else len(source)
+
+    def run(n: int, use_cache: bool = True):
+        return lambda: generate(params, config, prompts, max_new_tokens=n, capacity=capacity,
+                                use_cache=use_cache, pad_id=PAD_ID, **enc).tokens
+
+    generated = np.asarray(run(new_tokens)())[0]  # [n]
+    cached_total = _median_seconds(run(new_tokens), repeats)
+    cached_first = _median_seconds(run(1), repeats)
+    library_uncached_total = _median_seconds(run(new_tokens, use_cache=False), repeats)
+    per_step = max(cached_total - cached_first, 0.0) / (new_tokens - 1)
+
+    sequence = np.concatenate([prompt, generated]).astype(np.int32)
+    sampled = np.unique(np.linspace(1, new_tokens, min(samples, new_tokens)).round().astype(int))
+    sampled_seconds = []
+    for j in sampled:
+        t = P + j - 1
+        tokens = jnp.asarray(sequence[:t])[None]  # [1, t]
+        lengths = jnp.asarray([t], jnp.int32)
+        sampled_seconds.append(_median_seconds(
+            lambda: _apply(params, config, tokens, lengths, **enc), repeats))
+    sampled_seconds = np.asarray(sampled_seconds)
+
+    steps = np.arange(1, new_tokens + 1)
+    prefix = P + steps - 1  # tokens the uncached forward reruns at each step
+    encode = (lambda: encoder_flops(config, S_src)) if source is not None else (lambda: 0)
+    uncached_flops = np.array([decoder_flops(config, t, t, t, S_src) + encode() for t in prefix], float)
+    # The cached step's attention reads every slot of the fixed-size cache (masked), so its
+    # score and value FLOPs scale with the capacity, not with the filled prefix.
+    cached_flops = np.array([decoder_flops(config, P, P, 1, S_src) + encode()]
+                            + [decoder_flops(config, 1, capacity, 1, S_src)] * (new_tokens - 1), float)
+    uncached_seconds = np.interp(steps, sampled, sampled_seconds)
+    cached_seconds = np.array([cached_first] + [per_step] * (new_tokens - 1))
+    totals = {
+        "uncached_flops": float(uncached_flops.sum()),
+        "cached_flops": float(cached_flops.sum()),
+        "uncached_seconds": float(uncached_seconds.sum()),
+        "cached_seconds": cached_total,
+        "library_uncached_seconds": library_uncached_total,
+        "uncached_exact": len(sampled) == new_tokens,
+    }
+    return DecodeCost(steps=steps, uncached_rows=prefix, cached_rows=np.array([P] + [1] * (new_tokens - 1)),
+                      uncached_flops=uncached_flops, cached_flops=cached_flops, sampled_steps=sampled,
+                      uncached_seconds_sampled=sampled_seconds, uncached_seconds=uncached_seconds,
+                      cached_seconds=cached_seconds, totals=totals, generated=generated, prompt_len=P,
+                      capacity=capacity)
+
+
+UNCACHED_COLOR, CACHED_COLOR = "#c2452d", "#2f6db5"
+
+
+def plot_cost(cost: DecodeCost, path: pathlib.Path) -> pathlib.Path:
+    """Query rows, FLOPs and time per step, and their cumulative sums, uncached vs cached."""
+    fig = _figure(13, 7.2)
+    axes = fig.subplots(2, 3, gridspec_kw={"hspace": 0.42, "wspace": 0.3})
+    steps = cost.steps
+    width = 0.4
+
+    ax = axes[0, 0]
+    ax.bar(steps - width / 2, cost.uncached_rows, width, color=UNCACHED_COLOR, label="uncached")
+    ax.bar(steps + width / 2, cost.cached_rows, width, color=CACHED_COLOR, label="cached")
+    ax.set_title("query rows computed per step")
+    ax.set_ylabel("rows")
+
+    ax = axes[0, 1]
+    ax.plot(steps, cost.uncached_flops / 1e6, "o-", ms=2.5, color=UNCACHED_COLOR, label="uncached")
+    ax.plot(steps, cost.cached_flops / 1e6, "o-", ms=2.5, color=CACHED_COLOR, label="cached")
+    ax.set_yscale("log")
+    ax.set_title("FLOPs per step (counted from the config)")
+    ax.set_ylabel("MFLOP")
+
+    ax = axes[0, 2]
+    ax.plot(steps, cost.uncached_seconds * 1e3, "--", color=UNCACHED_COLOR, lw=1)
+    ax.plot(cost.sampled_steps, cost.uncached_seconds_sampled * 1e3, "o", color=UNCACHED_COLOR,
+            label="uncached (timed steps)")
+    ax.plot(steps[1:], cost.cached_seconds[1:] * 1e3, "-", color=CACHED_COLOR, label="cached (per step)")
+    ax.plot(steps[:1], cost.cached_seconds[:1] * 1e3, "s", color=CACHED_COLOR, label="cached prefill + step 1")
+    ax.set_yscale("log")
+    ax.set_title("time per step (measured)")
+    ax.set_ylabel("ms")
+
+    ax = axes[1, 0]
+    ax.plot(steps, np.cumsum(cost.uncached_flops) / 1e9, color=UNCACHED_COLOR, label="uncached")
+    ax.plot(steps, np.cumsum(cost.cached_flops) / 1e9, color=CACHED_COLOR, label="cached")
+    ax.set_title("cumulative FLOPs (counted)")
+    ax.set_ylabel("GFLOP")
+
+    ax = axes[1, 1]
+    ax.plot(steps, np.cumsum(cost.uncached_seconds), color=UNCACHED_COLOR, label="uncached")
+    ax.plot(steps, np.cumsum(cost.cached_seconds), color=CACHED_COLOR, label="cached")
+    ax.set_title("cumulative time (measured)")
+    ax.set_ylabel("seconds")
+
+    for ax in axes.flat[:5]:
+        ax.set_xlabel("generated step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+
+    ax = axes[1, 2]
+    ax.axis("off")
+    t = cost.totals
+    lines = [
+        f"{len(steps)} new tokens after a {cost.prompt_len}-token prompt",
+        "",
+        "counted FLOPs, total",
+        f"  uncached  {t['uncached_flops'] / 1e9:10.3f} GFLOP",
+        f"  cached    {t['cached_flops'] / 1e9:10.3f} GFLOP",
+        f"  ratio     {t['uncached_flops'] / t['cached_flops']:10.1f} x",
+        "",
+        "measured time, total",
+        f"  uncached  {t['uncached_seconds'] * 1e3:10.1f} ms" + ("" if t["uncached_exact"] else " *"),
+        f"  cached    {t['cached_seconds'] * 1e3:10.1f} ms",
+        f"  ratio     {t['uncached_seconds'] / t['cached_seconds']:10.1f} x",
+        "",
+        f"generate(use_cache=False): {t['library_uncached_seconds'] * 1e3:.1f} ms",
+    ]
+    if not t["uncached_exact"]:
+        lines.append(f"* timed at {len(cost.sampled_steps)} of {len(steps)} steps, interpolated")
+    ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
+            transform=ax.transAxes)
+    fig.suptitle("What the KV cache saves: uncached (full forward over the growing prefix) vs cached "
+                 "(one query row per step)", fontsize=11)
+    return _save(fig, path)
+
+
+# --- loading a model --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    params: dict
+    config: DecoderConfig | Seq2SeqConfig
+    description: str
+
+
+def _fields(cls, values: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def load_checkpoint(checkpoint_dir: str | os.PathLike) -> LoadedModel:
+    """The params of a `train.py` run's newest usable checkpoint.
+
+    The run's `config.json` (written by `train.py` beside `checkpoints/`) gives the model and
+    optimiser configs, from which the restore template is built.
+    """
+    from jaxdec.training import create_train_state
+
+    checkpoint_dir = pathlib.Path(checkpoint_dir)
+    config_path = checkpoint_dir.parent / "config.json"
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint_dir} is not a directory")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint_dir}: no run config at {config_path} "
+                                "(expected a train.py run folder: <run>/config.json, <run>/checkpoints/)")
+    run = json.loads(config_path.read_text())
+    model_cls = Seq2SeqConfig if "num_encoder_layers" in run["model"] else DecoderConfig
+    model_config = model_cls(**_fields(model_cls, run["model"]))
+    train_config = TrainConfig(**_fields(TrainConfig, run["train"]))
+    template = create_train_state(model_config, train_config, jax.random.key(train_config.seed))
+    state, step = checkpoint.restore(checkpoint_dir, template)
+    return LoadedModel(state.params, model_config, f"checkpoint {checkpoint_dir}, step {step}")
+
+
+def random_model(task: str, seed: int = 0) -> LoadedModel:
+    config = RANDOM_MODELS[task]
+    # One compiled program instead of one per random array.
+    params = jax.jit(api.init_params, static_argnums=0)(config, jax.random.key(seed))
+    return LoadedModel(params, config,
+                       f"a small random model (seed {seed}, untrained)")
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Section:
+    title: str
+    text: str
+    images: list[pathlib.Path]
+    html_extra: str = ""
+
+
+def _img(path: pathlib.Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">' \
+           f"<figcaption>{html.escape(path.name)}</figcaption></figure>"
+
+
+def write_html(path: pathlib.Path, title: str, intro: str, sections: list[Section]) -> pathlib.Path:
+    body = [f"<h1>{html.escape(title)}</h1>", intro]
+    for s in sections:
+        body += [f"<h2>{html.escape(s.title)}</h2>", s.text, s.html_extra] + [_img(p) for p in s.images]
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.45}"
+             "img{max-width:100%;border:1px solid #ddd}figure{margin:1em 0}figcaption{color:#666;"
+             "font-size:.85em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;"
+             "text-align:right}code{background:#f4f4f4;padding:0 .2em}")
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _p(text: str) -> str:
+    return f"<p>{text}</p>"
+
+
+def _mask_sections(out: pathlib.Path) -> Section:
+    seed = encode_sentence(SEED_SENTENCE)
+    T = len(seed)
+    causal = np.asarray(mask_tables(jnp.asarray([T], jnp.int32), T)[0])[0]  # [T, T]
+    images = [plot_mask(causal, seed, seed, f"causal mask of [SOS] {SEED_SENTENCE}", out / "causal_mask.png",
+                        note="row i (a query) may attend to columns 0..i (keys): itself and everything before")]
+    tokens, lengths = padded_batch(PADDED_SENTENCES)
+    images.append(plot_padding(PADDED_SENTENCES, tokens, lengths, out / "padding_mask.png"))
+    short = int(np.argmin(lengths))
+    combined = np.asarray(mask_tables(jnp.asarray(lengths), tokens.shape[1])[0])[short]
+    images.append(plot_mask(combined, tokens[short], tokens[short],
+                            f"causal AND padding mask of example {short} in the padded batch",
+                            out / "padded_causal_mask.png",
+                            note="PAD columns are never attended; PAD rows see the real tokens, and their "
+                                 "outputs are ignored"))
+    text = _p(
+        "Masks are boolean, <b>True (blue) where attention is allowed</b>; a masked score is set to "
+        "-inf before the softmax. Tokens are UTF-8 bytes: each Hangul syllable is three bytes, drawn "
+        "as three columns with the syllable under them. " + html.escape(
+            f"[SOS] {SEED_SENTENCE} is {T} tokens. The batch pads "
+            f"{' and '.join(repr(s) for s in PADDED_SENTENCES)} to {tokens.shape[1]} tokens.")
+    )
+    return Section("Masks", text, images)
+
+
+def _heads_section(params, config, out: pathlib.Path, text: str) -> tuple[Section, dict]:
+    """Heatmaps of every layer and head for `text` (a decoder-only model)."""
+    ids = encode_sentence(text)
+    result = jinspect.attention(params, config, ids[None])
+    mask = np.asarray(result.masks["self"])[0]
+    images = []
+    for i, probs in enumerate(result.self_attention):
+        images.append(plot_heads(np.asarray(probs)[0], mask, ids, ids,
+                                 f"layer {i} self-attention on [SOS] {text}",
+                                 out / f"self_attention_layer{i}.png"))
+    section = Section(
+        "Attention, per layer and head",
+        _p("Each panel is one head: row t is the query at token t, its colours the softmax "
+           "probabilities over keys 0..t (grey: masked). Computed by "
+           "<code>jaxdec.inspect.attention</code>, the same pass as <code>jaxdec.forward</code>. "
+           f"Input: <code>{html.escape('[SOS] ' + text)}</code> ({len(ids)} byte tokens)."),
+        images)
+    return section, {"tokens": len(ids)}
+
+
+def _seq2seq_sections(params, config, out: pathlib.Path, text: str) -> tuple[list[Section], np.ndarray]:
+    """Encoder, decoder and cross-attention heatmaps for the model's own greedy translation."""
+    source = TOKENIZER.encode(text)
+    src = source[None]  # [1, S]
+    result = generate(params, config, np.full((1, 1), BOS_ID, np.int32), source=src,
+                      max_new_tokens=min(dates.TARGET_BYTES + 1, config.max_len - 1), eos_id=EOS_ID,
+                      pad_id=PAD_ID)
+    output = np.asarray(result.tokens)[0, : int(result.lengths[0])]  # [n], the EOS included
+    decoder_in = np.concatenate([[BOS_ID], output[:-1] if len(output) > 1 else []]).astype(np.int32)
+    att = jinspect.attention(params, config, decoder_in[None], source=src)
+    enc_mask = np.asarray(att.masks["encoder"])[0]
+    self_mask = np.asarray(att.masks["self"])[0]
+    cross_mask = np.asarray(att.masks["cross"])[0]
+    shown = html.escape(text_of(output))
+    cross = [plot_heads(np.asarray(p)[0], cross_mask, decoder_in, source,
+                        f"layer {i} cross-attention: {text} -> {text_of(output)}",
+                        out / f"cross_attention_layer{i}.png", next_ids=output)
+             for i, p in enumerate(att.cross_attention)]
+    encoder = [plot_heads(np.asarray(p)[0], enc_mask, source, source, f"encoder layer {i} self-attention",
+                          out / f"encoder_attention_layer{i}.png")
+               for i, p in enumerate(att.encoder_attention)]
+    decoder = [plot_heads(np.asarray(p)[0], self_mask, decoder_in, decoder_in,
+                          f"decoder layer {i} masked self-attention", out / f"self_attention_layer{i}.png",
+                          next_ids=output)
+               for i, p in enumerate(att.self_attention)]
+    sections = [
+        Section("Cross-attention: which source bytes each output looks at",
+                _p(f"Source <code>{html.escape(text)}</code>; the model's greedy output "
+                   f"<code>{shown}</code>, fed back as the decoder input (teacher forcing). Row t is "
+                   "the decoder query at input token t (left) that predicts the token on the right "
+                   "(brown); columns are source bytes."), cross),
+        Section("Encoder self-attention (bidirectional, source padding masked)", "", encoder),
+        Section("Decoder masked self-attention", "", decoder),
+    ]
+    return sections, source
+
+
+def _cost_section(cost: DecodeCost, out: pathlib.Path) -> Section:
+    t = cost.totals
+    rows = [
+        ("query rows", f"{int(cost.uncached_rows.sum()):,}", f"{int(cost.cached_rows.sum()):,}"),
+        ("FLOPs (counted)", f"{t['uncached_flops'] / 1e9:.4f} G", f"{t['cached_flops'] / 1e9:.4f} G"),
+        ("time (measured)", f"{t['uncached_seconds'] * 1e3:.1f} ms", f"{t['cached_seconds'] * 1e3:.1f} ms"),
+    ]
+    table = ("<table><tr><th></th><th>uncached</th><th>cached</th></tr>"
+             + "".join(f"<tr><th>{a}</th><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows) + "</table>")
+    sampled = ("every step" if t["uncached_exact"]
+               else f"{len(cost.sampled_steps)} evenly spaced steps, linear in between")
+    text = _p(
+        f"Greedy decoding of {len(cost.steps)} tokens after a {cost.prompt_len}-token prompt. "
+        "<b>Uncached</b>: step j reruns the whole model over the prefix of P + j - 1 tokens "
+        f"(a jitted <code>jaxdec.api.apply</code>, timed at {sampled}). <b>Cached</b>: the prompt "
+        "once (prefill), then one query row per step against the KV cache (<code>jaxdec.generate"
+        "</code>, timed for all steps and for one; their difference gives the per-step time). "
+        "FLOPs are the matmuls counted from the config (projections, attention scores and values, "
+        f"MLP, output head); the cached step's attention reads all {cost.capacity} cache slots. "
+        f"For reference, <code>jaxdec.generate(use_cache=False)</code>, which reruns its whole "
+        f"{cost.capacity}-slot buffer every step, took {t['library_uncached_seconds'] * 1e3:.1f} ms. "
+        f"Machine: {html.escape(_machine())}."
+    )
+    return Section("Decode cost: what the KV cache saves", text, [plot_cost(cost, out / "decode_cost.png")],
+                   html_extra=table)
+
+
+def _machine() -> str:
+    device = jax.devices()[0]
+    flags = os.environ.get("XLA_FLAGS", "")
+    return (f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores, "
+            f"jax {jax.__version__}" + (f", XLA_FLAGS={flags}" if flags else ", XLA's default threading"))
+
+
+def explain(loaded: LoadedModel, out: str | os.PathLike, *, text: str | None = None, new_tokens: int = 48,
+            samples: int = 8, repeats: int = 3) -> pathlib.Path:
+    """Writes report.html and its PNGs into `out`; returns the HTML's path.
+
+    Args:
+      loaded: the model (a checkpoint's or a random one).
+      out: the output folder (created).
+      text: the input: the prompt of a decoder-only model, the source of an encoder-decoder.
+      new_tokens: tokens decoded for the cost picture (a decoder-only model; an encoder-decoder
+        decodes a date's 11 tokens).
+      samples: prefix lengths at which the uncached forward is timed (>= 2).
+      repeats: timings per measurement (the median is kept; >= 1).
+    """
+    params, config = loaded.params, loaded.config
+    seq2seq = isinstance(config, Seq2SeqConfig)
+    text = text if text is not None else (DEFAULT_DATES_TEXT if seq2seq else DEFAULT_LM_TEXT)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"text must be a non-empty str, got {text!r}")
+    for name, value, low in (("samples", samples, 2), ("repeats", repeats, 1), ("new_tokens", new_tokens, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    need = max(len(encode_sentence(s)) for s in (SEED_SENTENCE, *PADDED_SENTENCES))
+    if config.vocab_size < VOCAB_SIZE:
+        raise ValueError(f"the model's vocab_size {config.vocab_size} does not cover the byte tokenizer's "
+                         f"{VOCAB_SIZE} ids")
+    length = len(TOKENIZER.encode(text)) + (0 if seq2seq else 1)
+    if seq2seq:
+        new_tokens = min(dates.TARGET_BYTES + 1, config.max_len - 1)
+        if length > config.max_len:
+            raise ValueError(f"text is {length} bytes, beyond the model's max_len={config.max_len}")
+    elif length + new_tokens > config.max_len:
+        raise ValueError(f"text ({length} tokens with [SOS]) + new_tokens ({new_tokens}) exceeds the "
+                         f"model's max_len={config.max_len}")
+    if need > config.max_len:
+        raise ValueError(f"the mask sentences need max_len >= {need}, the model has {config.max_len}")
+
+    hangul_font()
+    from matplotlib import rc_context
+
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with rc_context(_rc()):
+        sections = [_mask_sections(out)]
+        if seq2seq:
+            more, source = _seq2seq_sections(params, config, out, text)
+            sections += more
+            prompt = np.array([BOS_ID], np.int32)
+        else:
+            section, _ = _heads_section(params, config, out, text)
+            sections.append(section)
+            source, prompt = None, encode_sentence(text)
+        cost = measure_decode_cost(params, config, prompt, new_tokens, samples=samples, repeats=repeats,
+                                   source=source)
+        sections.append(_cost_section(cost, out))
+    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    kind = "encoder-decoder" if seq2seq else "decoder-only"
+    intro = _p(html.escape(
+        f"{kind} model, {n_params:,} parameters, from {loaded.description}. Config: {config}. "
+        f"Written {datetime.datetime.now().isoformat(timespec='seconds')}. Generated tokens in the cost "
+        f"section: {text_of(cost.generated)!r}."))
+    return write_html(out / "report.html", "jaxdec: see inside", intro, sections)
+
+
+def main(argv: list[str] | None = None) -> pathlib.Path:
+    parser = argparse.ArgumentParser(prog="python -m jaxdec.explain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="a train.py run's checkpoints folder, e.g. runs/stdlib/checkpoints")
+    parser.add_argument("--task", choices=sorted(RANDOM_MODELS), default=None,
+                        help="without --checkpoint: the random model's family (lm: decoder-only, "
+                             "dates: encoder-decoder); with it, must match the run")
+    parser.add_argument("--out", help="output folder (default: <run>/explain, or runs/explain-<task>)")
+    parser.add_argument("--text", help=f"the input (default {DEFAULT_LM_TEXT!r}; dates: {DEFAULT_DATES_TEXT!r})")
+    parser.add_argument("--new-tokens", type=int, default=48, help="tokens decoded for the cost picture")
+    parser.add_argument("--samples", type=int, default=8, help="prefix lengths timed on the uncached path")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per measurement (median)")
+    parser.add_argument("--seed", type=int, default=0, help="the random model's init seed")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.checkpoint:
+            loaded = load_checkpoint(args.checkpoint)
+            task = "dates" if isinstance(loaded.config, Seq2SeqConfig) else "lm"
+            if args.task is not None and args.task != task:
+                raise ValueError(f"--task {args.task} does not match the checkpoint, a {task} run")
+            out = args.out or pathlib.Path(args.checkpoint).parent / "explain"
+        else:
+            task = args.task or "lm"
+            loaded = random_model(task, args.seed)
+            out = args.out or pathlib.Path("runs") / f"explain-{task}"
+        path = explain(loaded, out, text=args.text, new_tokens=args.new_tokens, samples=args.samples,
+                       repeats=args.repeats)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+    print(f"report: {path} (and its PNGs in {path.parent})")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Attention maps and masks, from the same code path as `forward`.
+
+`attention` runs the model's own teacher-forcing pass (`model.decoder_logits` or
+`seq2seq.seq2seq_logits`) with `return_attention=True`: the layers hand back the probabilities
+their softmax produced, so what is drawn is what the model computed, not a re-derivation.
+
+    result = jaxdec.inspect.attention(params, config, tokens, lengths)
+    result.self_attention[layer][b, n]   # float32 [T, T]: row t = query t's weights over keys
+
+Rows sum to 1 over the allowed keys and are 0 on masked keys; a query with no allowed key
+(a row of an all-padding example) is all zeros.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxdec import api, checks, model, seq2seq
+from jaxdec.attention import decoder_self_mask, padding_mask
+from jaxdec.config import DecoderConfig, Seq2SeqConfig
+
+
+@flax.struct.dataclass
+class Attention:
+    """What one teacher-forcing pass attended to.
+
+    Attributes:
+      logits: float32 [B, T, V], equal to `jaxdec.forward`'s.
+      self_attention: L arrays float32 [B, N, T, T], the decoder's masked self-attention
+        probabilities per layer (row = query position, column = key position).
+      cross_attention: L arrays float32 [B, N, T, S] (S: padded source length), the decoder's
+        attention over the encoder output per layer; None for a decoder-only model.
+      encoder_attention: Le arrays float32 [B, N, S, S], the encoder's bidirectional
+        self-attention per layer; None for a decoder-only model.
+      masks: the boolean masks the pass used (True = may attend): "self" bool [B, T, T]
+        (causal AND padding); for an encoder-decoder also "cross" bool [B, T, S] and
+        "encoder" bool [B, S, S] (source padding).
+    """
+
+    logits: jax.Array
+    self_attention: list[jax.Array]
+    cross_attention: list[jax.Array] | None
+    encoder_attention: list[jax.Array] | None
+    masks: dict[str, jax.Array]
+
+
+def _layers(stacked: jax.Array | None) -> list[jax.Array] | None:
+    """[L, ...] -> a list of L arrays [...] (L is static, so this works under jit)."""
+    return None if stacked is None else [stacked[i] for i in range(stacked.shape[0])]
+
+
+def attention_unchecked(params, config, tokens, lengths, source=None, source_lengths=None) -> Attention:
+    """Traceable core of `attention` with no host checks: int32 inputs of the documented shapes."""
+    B, T = tokens.shape
+    masks = {"self": decoder_self_mask(lengths, T)}  # [B, T, T]
+    if isinstance(config, Seq2SeqConfig):
+        logits, probs = seq2seq.seq2seq_logits(params, config, tokens, lengths, source, source_lengths,
+                                               return_attention=True)
+        S = source.shape[1]
+        keys = padding_mask(source_lengths, S)  # [B, S]
+        masks["cross"] = jnp.broadcast_to(keys[:, None, :], (B, T, S))
+        masks["encoder"] = jnp.broadcast_to(keys[:, None, :], (B, S, S))
+        encoder = _layers(probs["encoder"])
+    else:
+        logits, probs = model.decoder_logits(params, config, tokens, lengths, return_attention=True)
+        encoder = None
+    return Attention(logits=logits, self_attention=_layers(probs["self"]),
+                     cross_attention=_layers(probs["cross"]), encoder_attention=encoder, masks=masks)
+
+
+_attention_jit = jax.jit(attention_unchecked, static_argnames=("config",))
+
+
+def attention(params, config: DecoderConfig | Seq2SeqConfig, tokens, lengths=None, *, source=None,
+              source_lengths=None) -> Attention:
+    """Logits, attention probabilities and masks of one teacher-forcing pass.
+
+    Pure and jit-able (`jax.jit(attention, static_argnames="config")`); called eagerly it checks
+    its inputs on the host first, like `jaxdec.forward`.
+
+    Args:
+      params: the model's parameters.
+      config: a DecoderConfig or a Seq2SeqConfig.
+      tokens: int32 [B, T], right-padded when lengths is given (encoder-decoder: the decoder
+        input, e.g. [BOS] + target).
+      lengths: int32 [B], real tokens per row (0..T); None means all T.
+      source: int32 [B, S], the encoder input (a Seq2SeqConfig needs it, a DecoderConfig refuses it).
+      source_lengths: int32 [B], real source tokens per row (1..S); None means all S.
+
+    Returns:
+      an `Attention` (logits float32 [B, T, V]; per-layer float32 probabilities; bool masks).
+
+    Raises:
+      ValueError, before any compute, naming the bad value: a wrong rank or dtype, T or S beyond
+      max_len, ids outside [0, vocab_size), lengths out of range, a source batch unlike tokens'.
+    """
+    api.check_config(config)
+    tokens, lengths = checks.as_array(tokens), checks.as_array(lengths)
+    source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
+    checks.check_sequence("tokens", tokens, config.vocab_size, config.max_len)
+    B, T = jnp.shape(tokens)
+    if lengths is None:
+        lengths = jnp.full((B,), T, jnp.int32)
+    else:
+        checks.check_lengths("lengths", lengths, B, 0, T)
+    source_lengths = api.check_source(config, source, source_lengths)
+    if source is not None:
+        if jnp.shape(source)[0] != B:
+            raise ValueError(f"source has batch {jnp.shape(source)[0]}, tokens have {B}")
+        source = jnp.asarray(source, jnp.int32)
+    return _attention_jit(params, config, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                          source, source_lengths)
+
