@@ -37,13 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec import api, checkpoint
+from jaxdec import api, checkpoint, model, seq2seq
 from jaxdec import inspect as jinspect
 from jaxdec.attention import decoder_self_mask, padding_mask
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.data import dates
 from jaxdec.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
-from jaxdec.decode import generate
 
 TOKENIZER = ByteTokenizer()
 
@@ -110,8 +109,9 @@ def drawable(text: str) -> str:
 
 def _rc() -> dict:
     # The minus sign U+2212 is not in NanumGothic: tick labels use the ASCII hyphen instead.
+    # Log-axis labels are mathtext: draw it with DejaVu, which has every glyph it needs.
     return {"font.family": [FONT_FAMILY, "DejaVu Sans"], "axes.unicode_minus": False,
-            "font.size": 9}
+            "mathtext.fontset": "dejavusans", "font.size": 9}
 
 
 def _figure(width: float, height: float):
@@ -195,16 +195,16 @@ def token_labels(ids: Sequence[int]) -> tuple[list[str], list[Unit]]:
 
 
 def text_of(ids: Sequence[int]) -> str:
-    """ids as readable text: specials as [SOS] / [EOS] / [PAD], bytes decoded (invalid: U+FFFD)."""
+    """ids as readable text: specials as [SOS] / [EOS] / [PAD], bytes decoded (invalid ones as \\xNN)."""
     parts, run = [], []
     for t in (int(i) for i in ids):
         if t in SPECIAL_NAMES:
-            parts.append(bytes(run).decode("utf-8", errors="replace"))
+            parts.append(bytes(run).decode("utf-8", errors="backslashreplace"))
             parts.append(f"[{SPECIAL_NAMES[t]}]")
             run = []
         else:
             run.append(t)
-    parts.append(bytes(run).decode("utf-8", errors="replace"))
+    parts.append(bytes(run).decode("utf-8", errors="backslashreplace"))
     return "".join(parts)
 
 
@@ -213,61 +213,54 @@ def _label_axis(ax, ids: Sequence[int], axis: str, *, side: str | None = None, b
     """Writes each token's byte label beside an axis and each multi-byte character under its bytes.
 
     axis "x" labels columns below the axes (above with side="top"); axis "y" labels rows left of
-    the axes (right with side="right"). Labels are drawn as text, not ticks, so a character can
-    span the tick positions of its bytes.
+    the axes (right with side="right"). Labels are drawn as text, not ticks, so that a
+    character can span the positions of its bytes.
     """
     from matplotlib import transforms
     from matplotlib.lines import Line2D
 
     labels, groups = token_labels(ids)
-    fig = ax.figure
     horizontal = axis == "x"
     flip = side in ("top", "right")
-    sign = 1 if flip else -1
+    anchor = 1.0 if flip else 0.0  # the axes edge the labels hang off, in axes coordinates
     base = ax.get_xaxis_transform() if horizontal else ax.get_yaxis_transform()
-    anchor = (1.0 if flip else 0.0)
+    if horizontal:
+        align = {"ha": "center", "va": "bottom" if flip else "top"}
+    else:
+        align = {"ha": "left" if flip else "right", "va": "center"}
 
-    def shifted(points: float):
-        dx, dy = (0, sign * points) if horizontal else (sign * points, 0)
-        return transforms.offset_copy(base, fig=fig, x=dx, y=dy, units="points")
+    def away(points: float):
+        """`base` moved `points` away from the axes edge."""
+        d = points if flip else -points
+        return transforms.offset_copy(base, fig=ax.figure, x=0 if horizontal else d,
+                                      y=d if horizontal else 0, units="points")
 
-    longest = max((len(s) for s in labels), default=1)
-    # Vertical text beside a column: its height grows with the label's length.
-    extent = (longest * 0.62 * byte_size if horizontal else longest * 0.6 * byte_size)
-    near = shifted(2)
+    def at(i: float) -> tuple[float, float]:
+        return (i, anchor) if horizontal else (anchor, i)
+
+    near = away(2)
     for i, label in enumerate(labels):
-        rotate = horizontal and len(label) > 2
-        xy = (i, anchor) if horizontal else (anchor, i)
-        if horizontal:
-            ha, va = "center", ("bottom" if flip else "top")
-        else:
-            ha, va = ("left" if flip else "right"), "center"
-        ax.text(*xy, drawable(label), transform=near, fontsize=byte_size, ha=ha, va=va, color=color,
-                rotation=90 if rotate else 0, clip_on=False)
-    tick_room = (extent if any(len(s) > 2 for s in labels) else 1.2 * byte_size) if horizontal else extent
-    bracket = shifted(tick_room + 4)
-    under = shifted(tick_room + 6)
+        # Below a column, names longer than two hex digits (SOS, PAD) are turned upright.
+        rotation = 90 if horizontal and len(label) > 2 else 0
+        ax.text(*at(i), drawable(label), transform=near, fontsize=byte_size, color=color,
+                rotation=rotation, clip_on=False, **align)
+    # Room the byte labels take before the characters' row: rough text extents in points.
+    longest = max((len(s) for s in labels), default=1)
+    room = longest * 0.62 * byte_size if not horizontal or longest > 2 else 1.2 * byte_size
     for g in groups:
-        lo, hi, mid = g.start - 0.4, g.stop - 0.6, (g.start + g.stop - 1) / 2
-        line = ([lo, hi], [anchor, anchor]) if horizontal else ([anchor, anchor], [lo, hi])
-        ax.add_artist(Line2D(*line, transform=bracket, color="0.45", linewidth=0.8, clip_on=False))
-        xy = (mid, anchor) if horizontal else (anchor, mid)
-        if horizontal:
-            ha, va = "center", ("bottom" if flip else "top")
-        else:
-            ha, va = ("left" if flip else "right"), "center"
-        ax.text(*xy, drawable(g.text), transform=under, fontsize=char_size, ha=ha, va=va, color=color,
-                clip_on=False)
+        span = [g.start - 0.4, g.stop - 0.6]
+        xs, ys = (span, [anchor, anchor]) if horizontal else ([anchor, anchor], span)
+        ax.add_artist(Line2D(xs, ys, transform=away(room + 4), color="0.45", linewidth=0.8, clip_on=False))
+        ax.text(*at((g.start + g.stop - 1) / 2), drawable(g.text), transform=away(room + 6),
+                fontsize=char_size, color=color, clip_on=False, **align)
 
 
 def _grid(ax, rows: int, cols: int) -> None:
     """White cell borders and no ticks (labels are drawn by _label_axis)."""
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_xticks(np.arange(-0.5, cols, 1), minor=True)
-    ax.set_yticks(np.arange(-0.5, rows, 1), minor=True)
-    ax.grid(which="minor", color="white", linewidth=0.6)
-    ax.tick_params(which="both", length=0)
+    ax.vlines(np.arange(0.5, cols - 1, 1), -0.5, rows - 0.5, colors="white", linewidth=0.6)
+    ax.hlines(np.arange(0.5, rows - 1, 1), -0.5, cols - 0.5, colors="white", linewidth=0.6)
 
 
 # --- masks ------------------------------------------------------------------------------------
@@ -350,43 +343,44 @@ def plot_padding(texts: Sequence[str], tokens: np.ndarray, lengths: np.ndarray,
 
 def plot_heads(probs: np.ndarray, mask: np.ndarray, row_ids: Sequence[int], col_ids: Sequence[int],
                title: str, path: pathlib.Path, next_ids: Sequence[int] | None = None) -> pathlib.Path:
-    """One layer's heads side by side: probs float32 [N, T, S], mask bool [T, S] (grey: masked).
+    """One layer's heads in a near-square grid: probs float32 [N, T, S], mask bool [T, S].
 
-    next_ids: the token each row predicts, written right of the last panel (teacher forcing).
+    Rows are queries, columns keys; masked cells are grey. next_ids: the token each row
+    predicts (teacher forcing), written right of the rightmost panels.
     """
+    import matplotlib
     from matplotlib.colors import PowerNorm
 
-    import matplotlib
-
     N, T, S = probs.shape
-    per_row = int(np.ceil(np.sqrt(N)))  # a near-square grid of panels keeps the page narrow
+    per_row = int(np.ceil(np.sqrt(N)))  # a near-square grid keeps the page narrow
     grid_rows = -(-N // per_row)
-    cell = _cell_size(max(T, S)) * (0.8 if N > 1 else 1.0)
+    cell = _cell_size(max(T, S)) * (0.85 if N > 1 else 1.0)
     panel_w, panel_h = cell * S, cell * T
-    # Room around each panel for the byte labels and the characters under them.
-    pad_w, pad_h = 1.2, 1.0
-    fig = _figure(per_row * (panel_w + pad_w) + 1.2, grid_rows * (panel_h + pad_h) + 0.9)
+    # Inches around each panel for the byte labels and the characters drawn under them.
+    left_room, right_room, below, above = 0.9, (0.9 if next_ids is not None else 0.35), 0.75, 0.35
+    top = 0.55
+    W = per_row * (left_room + panel_w + right_room) + 0.9
+    H = top + grid_rows * (above + panel_h + below)
+    fig = _figure(W, H)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e3e3e3")
-    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)  # sqrt scale: small weights stay visible
-    W, H = fig.get_size_inches()
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)  # square-root scale: small weights stay visible
+    sizes = dict(byte_size=6.5, char_size=9.5)
     image = None
     for n in range(N):
         r, c = divmod(n, per_row)
-        left = (0.9 + c * (panel_w + pad_w)) / W
-        bottom = 1 - (0.6 + r * (panel_h + pad_h) + panel_h) / H
-        ax = fig.add_axes((left, bottom, panel_w / W, panel_h / H))
+        x0 = c * (left_room + panel_w + right_room) + left_room
+        y0 = H - top - r * (above + panel_h + below) - above - panel_h
+        ax = fig.add_axes((x0 / W, y0 / H, panel_w / W, panel_h / H))
         image = ax.imshow(np.ma.masked_where(~mask, probs[n]), cmap=cmap, norm=norm, aspect="equal",
                           interpolation="nearest")
         _grid(ax, T, S)
-        ax.grid(False)
-        _label_axis(ax, col_ids, "x", byte_size=5.5, char_size=8.5)
-        if c == 0:
-            _label_axis(ax, row_ids, "y", byte_size=5.5, char_size=8.5)
-        if next_ids is not None and (c == per_row - 1 or n == N - 1):
-            _label_axis(ax, next_ids, "y", side="right", byte_size=5.5, char_size=8.5, color="#8a3b12")
-        ax.set_title(f"head {n}", fontsize=9, pad=3)
-    fig.suptitle(drawable(title), fontsize=11, x=0.02, ha="left", y=1 - 0.12 / H, va="top")
-    cax = fig.add_axes((1 - 0.25 / W, 0.25, 0.12 / W, 0.5))
+        _label_axis(ax, col_ids, "x", **sizes)
+        _label_axis(ax, row_ids, "y", **sizes)
+        if next_ids is not None:
+            _label_axis(ax, next_ids, "y", side="right", color="#8a3b12", **sizes)
+        ax.set_title(f"head {n}", fontsize=10, pad=3)
+    fig.suptitle(drawable(title), fontsize=11.5, x=0.1 / W, ha="left", y=1 - 0.1 / H, va="top")
+    cax = fig.add_axes(((W - 0.55) / W, 0.3, 0.14 / W, 0.4))
     fig.colorbar(image, cax=cax).set_label("probability (square-root scale); grey: masked", fontsize=8)
     return _save(fig, path)
 
@@ -424,19 +418,19 @@ def encoder_flops(config: Seq2SeqConfig, source_len: int) -> int:
 
 @dataclasses.dataclass
 class DecodeCost:
-    """Per generated step j = 1..n of greedy decoding after a P-token prompt.
+    """Greedy decoding of n tokens after a P-token prompt, per generated step j = 1..n.
 
     Attributes:
       steps: int [n], 1..n.
-      uncached_rows, cached_rows: int [n], query rows computed at each step (uncached: the whole
-        prefix P + j - 1; cached: the prompt at step 1, then one row).
-      uncached_flops, cached_flops: float [n], counted matmul FLOPs per step.
-      sampled_steps: the steps whose uncached forward was timed; uncached_seconds_sampled their
-        median seconds; uncached_seconds: float [n], linearly interpolated between them.
-      cached_seconds: float [n]: step 1 = the measured prefill + first step, later steps = the
-        measured per-step time of the cached scan.
-      totals: measured and counted totals (see `measure_decode_cost`).
-      generated: the n greedy tokens.
+      uncached_rows, cached_rows: int [n], query rows computed at each step. Uncached: the whole
+        prefix, P + j - 1 rows. Cached: the prompt at step 1 (prefill), then one row.
+      uncached_flops, cached_flops: float [n], matmul FLOPs counted from the config.
+      sampled_steps: int [k], the steps whose uncached forward was timed;
+        uncached_seconds_sampled: float [k], their median seconds; uncached_seconds: float [n],
+        linear between them (equal to the timings when every step was timed).
+      cached_seconds: float [n], measured: step 1 the prefill, step j > 1 one cached step.
+      generated: int [n], the greedy tokens.
+      prompt_len: P.
     """
 
     steps: np.ndarray
@@ -448,10 +442,13 @@ class DecodeCost:
     uncached_seconds_sampled: np.ndarray
     uncached_seconds: np.ndarray
     cached_seconds: np.ndarray
-    totals: dict
     generated: np.ndarray
     prompt_len: int
-    capacity: int
+
+    @property
+    def uncached_exact(self) -> bool:
+        """Every uncached step was timed (no interpolation)."""
+        return len(self.sampled_steps) == len(self.steps)
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -468,87 +465,132 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
 _apply = jax.jit(api.apply, static_argnames=("config",))
 
 
+def _decoder_prefill(params, config, tokens, lengths, capacity, source, source_lengths):
+    del source, source_lengths  # a decoder-only model has no encoder
+    return model.prefill(params, config, tokens, lengths, capacity)
+
+
+def _cached_functions(config):
+    """The family's (prefill, decode_step), jitted: the functions `jaxdec.generate` loops over."""
+    if isinstance(config, Seq2SeqConfig):
+        prefill, step = seq2seq.prefill, seq2seq.decode_step
+    else:
+        prefill, step = _decoder_prefill, model.decode_step
+    return (jax.jit(prefill, static_argnames=("config", "capacity")),
+            jax.jit(step, static_argnames=("config",)))
+
+
+def greedy_cached(params, config, prompt: np.ndarray, new_tokens: int, repeats: int,
+                  source: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy decoding with the KV cache, one call per step, each call timed.
+
+    Step 1 is the prefill (its logits give token 1); step j > 1 feeds token j - 1 at position
+    P + j - 2 to `decode_step`. The first pass decodes (and compiles); `repeats` more passes
+    feed the same tokens and are timed, Python dispatch included.
+
+    Args:
+      prompt: int32 [P]. source: int32 [S] (encoder-decoder only).
+
+    Returns:
+      tokens int32 [n], and seconds float [n] per step (median over the timed passes).
+    """
+    prefill, step = _cached_functions(config)
+    P, n = len(prompt), new_tokens
+    prompts, lengths = jnp.asarray(prompt, jnp.int32)[None], jnp.asarray([P], jnp.int32)  # [1, P], [1]
+    src = (None, None) if source is None else (jnp.asarray(source, jnp.int32)[None],
+                                               jnp.asarray([len(source)], jnp.int32))
+    positions = [jnp.asarray([P + j], jnp.int32) for j in range(n - 1)]  # made before any timing
+    tokens, fed = np.zeros(n, np.int32), []
+    times = np.zeros((repeats + 1, n))
+    for r in range(repeats + 1):
+        start = time.perf_counter()
+        logits, cache = jax.block_until_ready(prefill(params, config, prompts, lengths, P + n, *src))
+        times[r, 0] = time.perf_counter() - start
+        for j in range(1, n):
+            if r == 0:
+                tokens[j - 1] = int(np.argmax(logits[0]))
+                fed.append(jnp.asarray(tokens[j - 1 : j]))
+            start = time.perf_counter()
+            logits, cache = jax.block_until_ready(step(params, config, cache, fed[j - 1], positions[j - 1]))
+            times[r, j] = time.perf_counter() - start
+        if r == 0:
+            tokens[n - 1] = int(np.argmax(logits[0]))
+    return tokens, np.median(times[1:], axis=0)
+
+
 def measure_decode_cost(params, config, prompt: np.ndarray, new_tokens: int, *, samples: int,
                         repeats: int, source: np.ndarray | None = None) -> DecodeCost:
     """Counts and times greedy decoding of `new_tokens` tokens after `prompt`, both ways.
 
-    Uncached: step j runs a full forward (`jaxdec.api.apply`, jitted) over the prefix of
-    P + j - 1 tokens, the way a model without a cache must; it is timed at `samples` evenly
-    spaced steps (one compilation per prefix length). Cached: `jaxdec.generate(use_cache=True)`
-    for new_tokens and for 1 token at the same capacity; their difference over new_tokens - 1
-    is the time of one cached step. `jaxdec.generate(use_cache=False)` (the library's baseline,
-    which recomputes its whole fixed-size buffer every step) is timed too, for the totals.
+    Cached: `greedy_cached` (prefill, then one `decode_step` per token). Uncached: step j runs a
+    full forward (`jaxdec.api.apply`, jitted) over the prefix of P + j - 1 tokens, as a model
+    without a cache must, timed at `samples` evenly spaced steps (one compilation per length).
 
     Args:
-      prompt: int32 [P]. source: int32 [S] (encoder-decoder only).
+      prompt: int32 [P], the decoder prompt. source: int32 [S] (encoder-decoder only).
       new_tokens: n >= 2. samples: >= 2 timed uncached steps. repeats: >= 1 timings per median.
     """
-    P = len(prompt)
-    capacity = P + new_tokens
-    prompts = jnp.asarray(prompt, jnp.int32)[None]  # [1, P]
+    P, n = len(prompt), new_tokens
+    generated, cached_seconds = greedy_cached(params, config, prompt, n, repeats, source)
     enc = {} if source is None else {"source": jnp.asarray(source, jnp.int32)[None],
                                      "source_lengths": jnp.asarray([len(source)], jnp.int32)}
-    S_src = 0 if source is None else len(source)
-
-    def run(n: int, use_cache: bool = True):
-        return lambda: generate(params, config, prompts, max_new_tokens=n, capacity=capacity,
-                                use_cache=use_cache, pad_id=PAD_ID, **enc).tokens
-
-    generated = np.asarray(run(new_tokens)())[0]  # [n]
-    cached_total = _median_seconds(run(new_tokens), repeats)
-    cached_first = _median_seconds(run(1), repeats)
-    library_uncached_total = _median_seconds(run(new_tokens, use_cache=False), repeats)
-    per_step = max(cached_total - cached_first, 0.0) / (new_tokens - 1)
-
     sequence = np.concatenate([prompt, generated]).astype(np.int32)
-    sampled = np.unique(np.linspace(1, new_tokens, min(samples, new_tokens)).round().astype(int))
+    sampled = np.unique(np.linspace(1, n, min(samples, n)).round().astype(int))
     sampled_seconds = []
     for j in sampled:
         t = P + j - 1
-        tokens = jnp.asarray(sequence[:t])[None]  # [1, t]
-        lengths = jnp.asarray([t], jnp.int32)
-        sampled_seconds.append(_median_seconds(
-            lambda: _apply(params, config, tokens, lengths, **enc), repeats))
-    sampled_seconds = np.asarray(sampled_seconds)
+        tokens, lengths = jnp.asarray(sequence[:t])[None], jnp.asarray([t], jnp.int32)  # [1, t], [1]
+        sampled_seconds.append(_median_seconds(lambda: _apply(params, config, tokens, lengths, **enc),
+                                               repeats))
 
-    steps = np.arange(1, new_tokens + 1)
-    prefix = P + steps - 1  # tokens the uncached forward reruns at each step
-    encode = (lambda: encoder_flops(config, S_src)) if source is not None else (lambda: 0)
-    uncached_flops = np.array([decoder_flops(config, t, t, t, S_src) + encode() for t in prefix], float)
-    # The cached step's attention reads every slot of the fixed-size cache (masked), so its
-    # score and value FLOPs scale with the capacity, not with the filled prefix.
-    cached_flops = np.array([decoder_flops(config, P, P, 1, S_src) + encode()]
-                            + [decoder_flops(config, 1, capacity, 1, S_src)] * (new_tokens - 1), float)
-    uncached_seconds = np.interp(steps, sampled, sampled_seconds)
-    cached_seconds = np.array([cached_first] + [per_step] * (new_tokens - 1))
-    totals = {
-        "uncached_flops": float(uncached_flops.sum()),
-        "cached_flops": float(cached_flops.sum()),
-        "uncached_seconds": float(uncached_seconds.sum()),
-        "cached_seconds": cached_total,
-        "library_uncached_seconds": library_uncached_total,
-        "uncached_exact": len(sampled) == new_tokens,
-    }
-    return DecodeCost(steps=steps, uncached_rows=prefix, cached_rows=np.array([P] + [1] * (new_tokens - 1)),
+    S_src = 0 if source is None else len(source)
+    steps = np.arange(1, n + 1)
+    prefix = P + steps - 1  # tokens the uncached forward reruns; keys the cached step attends to
+    encoder = encoder_flops(config, S_src) if source is not None else 0
+    uncached_flops = np.array([decoder_flops(config, t, t, t, S_src) + encoder for t in prefix], float)
+    # The cached path encodes once, prefills the prompt (logits of its last row only), then runs
+    # one query row per step over the filled cache slots.
+    cached_flops = np.array([decoder_flops(config, P, P, 1, S_src) + encoder]
+                            + [decoder_flops(config, 1, t + 1, 1, S_src) for t in prefix[1:]], float)
+    return DecodeCost(steps=steps, uncached_rows=prefix, cached_rows=np.array([P] + [1] * (n - 1)),
                       uncached_flops=uncached_flops, cached_flops=cached_flops, sampled_steps=sampled,
-                      uncached_seconds_sampled=sampled_seconds, uncached_seconds=uncached_seconds,
-                      cached_seconds=cached_seconds, totals=totals, generated=generated, prompt_len=P,
-                      capacity=capacity)
+                      uncached_seconds_sampled=np.asarray(sampled_seconds),
+                      uncached_seconds=np.interp(steps, sampled, sampled_seconds),
+                      cached_seconds=cached_seconds, generated=generated, prompt_len=P)
 
 
 UNCACHED_COLOR, CACHED_COLOR = "#c2452d", "#2f6db5"
 
 
+def cost_summary(cost: DecodeCost) -> list[tuple[str, str, str, str]]:
+    """(what, uncached, cached, uncached / cached) rows: totals counted and measured."""
+    def ratio(a, b):
+        return f"{a / b:.1f}x" if b > 0 else "-"
+
+    rows_u, rows_c = int(cost.uncached_rows.sum()), int(cost.cached_rows.sum())
+    flops_u, flops_c = cost.uncached_flops.sum(), cost.cached_flops.sum()
+    time_u, time_c = cost.uncached_seconds.sum(), cost.cached_seconds.sum()
+    return [
+        ("query rows", f"{rows_u:,}", f"{rows_c:,}", ratio(rows_u, rows_c)),
+        ("FLOPs, counted", f"{flops_u / 1e9:.4f} G", f"{flops_c / 1e9:.4f} G", ratio(flops_u, flops_c)),
+        ("time, measured" + ("" if cost.uncached_exact else " *"),
+         f"{time_u * 1e3:.1f} ms", f"{time_c * 1e3:.1f} ms", ratio(time_u, time_c)),
+    ]
+
+
 def plot_cost(cost: DecodeCost, path: pathlib.Path) -> pathlib.Path:
-    """Query rows, FLOPs and time per step, and their cumulative sums, uncached vs cached."""
-    fig = _figure(13, 7.2)
-    axes = fig.subplots(2, 3, gridspec_kw={"hspace": 0.42, "wspace": 0.3})
+    """Query rows, FLOPs and time per step, their cumulative sums and the totals."""
+    from matplotlib.ticker import FuncFormatter
+
+    fig = _figure(13, 7.4)
+    axes = fig.subplots(2, 3, gridspec_kw={"hspace": 0.45, "wspace": 0.3})
     steps = cost.steps
     width = 0.4
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
 
     ax = axes[0, 0]
-    ax.bar(steps - width / 2, cost.uncached_rows, width, color=UNCACHED_COLOR, label="uncached")
-    ax.bar(steps + width / 2, cost.cached_rows, width, color=CACHED_COLOR, label="cached")
+    ax.bar(steps - width / 2, cost.uncached_rows, width, color=UNCACHED_COLOR, label="uncached: whole prefix")
+    ax.bar(steps + width / 2, cost.cached_rows, width, color=CACHED_COLOR, label="cached: 1 row (prompt at step 1)")
     ax.set_title("query rows computed per step")
     ax.set_ylabel("rows")
 
@@ -556,16 +598,17 @@ def plot_cost(cost: DecodeCost, path: pathlib.Path) -> pathlib.Path:
     ax.plot(steps, cost.uncached_flops / 1e6, "o-", ms=2.5, color=UNCACHED_COLOR, label="uncached")
     ax.plot(steps, cost.cached_flops / 1e6, "o-", ms=2.5, color=CACHED_COLOR, label="cached")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plain)
     ax.set_title("FLOPs per step (counted from the config)")
-    ax.set_ylabel("MFLOP")
+    ax.set_ylabel("MFLOP (log scale)")
 
     ax = axes[0, 2]
-    ax.plot(steps, cost.uncached_seconds * 1e3, "--", color=UNCACHED_COLOR, lw=1)
-    ax.plot(cost.sampled_steps, cost.uncached_seconds_sampled * 1e3, "o", color=UNCACHED_COLOR,
-            label="uncached (timed steps)")
-    ax.plot(steps[1:], cost.cached_seconds[1:] * 1e3, "-", color=CACHED_COLOR, label="cached (per step)")
-    ax.plot(steps[:1], cost.cached_seconds[:1] * 1e3, "s", color=CACHED_COLOR, label="cached prefill + step 1")
-    ax.set_yscale("log")
+    if not cost.uncached_exact:
+        ax.plot(steps, cost.uncached_seconds * 1e3, "--", color=UNCACHED_COLOR, lw=1)
+    ax.plot(cost.sampled_steps, cost.uncached_seconds_sampled * 1e3, "o-" if cost.uncached_exact else "o",
+            ms=3, color=UNCACHED_COLOR, label="uncached" + ("" if cost.uncached_exact else " (timed steps)"))
+    ax.plot(steps, cost.cached_seconds * 1e3, "o-", ms=3, color=CACHED_COLOR, label="cached")
+    ax.set_ylim(bottom=0)
     ax.set_title("time per step (measured)")
     ax.set_ylabel("ms")
 
@@ -576,37 +619,28 @@ def plot_cost(cost: DecodeCost, path: pathlib.Path) -> pathlib.Path:
     ax.set_ylabel("GFLOP")
 
     ax = axes[1, 1]
-    ax.plot(steps, np.cumsum(cost.uncached_seconds), color=UNCACHED_COLOR, label="uncached")
-    ax.plot(steps, np.cumsum(cost.cached_seconds), color=CACHED_COLOR, label="cached")
+    ax.plot(steps, np.cumsum(cost.uncached_seconds) * 1e3, color=UNCACHED_COLOR, label="uncached")
+    ax.plot(steps, np.cumsum(cost.cached_seconds) * 1e3, color=CACHED_COLOR, label="cached")
     ax.set_title("cumulative time (measured)")
-    ax.set_ylabel("seconds")
+    ax.set_ylabel("ms")
 
     for ax in axes.flat[:5]:
         ax.set_xlabel("generated step")
+        ax.set_xlim(0.4, len(steps) + 0.6)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
 
     ax = axes[1, 2]
     ax.axis("off")
-    t = cost.totals
-    lines = [
-        f"{len(steps)} new tokens after a {cost.prompt_len}-token prompt",
-        "",
-        "counted FLOPs, total",
-        f"  uncached  {t['uncached_flops'] / 1e9:10.3f} GFLOP",
-        f"  cached    {t['cached_flops'] / 1e9:10.3f} GFLOP",
-        f"  ratio     {t['uncached_flops'] / t['cached_flops']:10.1f} x",
-        "",
-        "measured time, total",
-        f"  uncached  {t['uncached_seconds'] * 1e3:10.1f} ms" + ("" if t["uncached_exact"] else " *"),
-        f"  cached    {t['cached_seconds'] * 1e3:10.1f} ms",
-        f"  ratio     {t['uncached_seconds'] / t['cached_seconds']:10.1f} x",
-        "",
-        f"generate(use_cache=False): {t['library_uncached_seconds'] * 1e3:.1f} ms",
-    ]
-    if not t["uncached_exact"]:
-        lines.append(f"* timed at {len(cost.sampled_steps)} of {len(steps)} steps, interpolated")
-    ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
+    lines = [f"{len(steps)} tokens after a {cost.prompt_len}-token prompt", "",
+             f"{'total':<14}{'uncached':>12}{'cached':>12}{'ratio':>8}"]
+    for what, u, c, r in cost_summary(cost):
+        short = {"query rows": "rows", "FLOPs, counted": "FLOPs"}
+        lines.append(f"{short.get(what, 'time' + (' *' if '*' in what else '')):<14}{u:>12}{c:>12}{r:>8}")
+    lines += ["", "time: each step's call timed on its own"]
+    if not cost.uncached_exact:
+        lines.append(f"* uncached timed at {len(cost.sampled_steps)} steps, linear between")
+    ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8.5,
             transform=ax.transAxes)
     fig.suptitle("What the KV cache saves: uncached (full forward over the growing prefix) vs cached "
                  "(one query row per step)", fontsize=11)
@@ -720,7 +754,7 @@ def _mask_sections(out: pathlib.Path) -> Section:
     return Section("Masks", text, images)
 
 
-def _heads_section(params, config, out: pathlib.Path, text: str) -> tuple[Section, dict]:
+def _heads_section(params, config, out: pathlib.Path, text: str) -> Section:
     """Heatmaps of every layer and head for `text` (a decoder-only model)."""
     ids = encode_sentence(text)
     result = jinspect.attention(params, config, ids[None])
@@ -730,32 +764,33 @@ def _heads_section(params, config, out: pathlib.Path, text: str) -> tuple[Sectio
         images.append(plot_heads(np.asarray(probs)[0], mask, ids, ids,
                                  f"layer {i} self-attention on [SOS] {text}",
                                  out / f"self_attention_layer{i}.png"))
-    section = Section(
+    return Section(
         "Attention, per layer and head",
         _p("Each panel is one head: row t is the query at token t, its colours the softmax "
            "probabilities over keys 0..t (grey: masked). Computed by "
            "<code>jaxdec.inspect.attention</code>, the same pass as <code>jaxdec.forward</code>. "
            f"Input: <code>{html.escape('[SOS] ' + text)}</code> ({len(ids)} byte tokens)."),
         images)
-    return section, {"tokens": len(ids)}
 
 
-def _seq2seq_sections(params, config, out: pathlib.Path, text: str) -> tuple[list[Section], np.ndarray]:
-    """Encoder, decoder and cross-attention heatmaps for the model's own greedy translation."""
-    source = TOKENIZER.encode(text)
+def _seq2seq_sections(params, config, out: pathlib.Path, source: np.ndarray, generated: np.ndarray
+                      ) -> list[Section]:
+    """Encoder, decoder and cross-attention heatmaps for the model's own greedy translation.
+
+    source: int32 [S]; generated: int32 [n], the greedy tokens (cut after the first EOS here).
+    """
+    text = TOKENIZER.decode(source)
     src = source[None]  # [1, S]
-    result = generate(params, config, np.full((1, 1), BOS_ID, np.int32), source=src,
-                      max_new_tokens=min(dates.TARGET_BYTES + 1, config.max_len - 1), eos_id=EOS_ID,
-                      pad_id=PAD_ID)
-    output = np.asarray(result.tokens)[0, : int(result.lengths[0])]  # [n], the EOS included
-    decoder_in = np.concatenate([[BOS_ID], output[:-1] if len(output) > 1 else []]).astype(np.int32)
+    eos = np.flatnonzero(generated == EOS_ID)
+    output = generated[: eos[0] + 1] if eos.size else generated  # [n'], the EOS included
+    decoder_in = np.concatenate([[BOS_ID], output[:-1]]).astype(np.int32)  # row t predicts output[t]
     att = jinspect.attention(params, config, decoder_in[None], source=src)
     enc_mask = np.asarray(att.masks["encoder"])[0]
     self_mask = np.asarray(att.masks["self"])[0]
     cross_mask = np.asarray(att.masks["cross"])[0]
     shown = html.escape(text_of(output))
     cross = [plot_heads(np.asarray(p)[0], cross_mask, decoder_in, source,
-                        f"layer {i} cross-attention: {text} -> {text_of(output)}",
+                        f"layer {i} cross-attention: {text} → {text_of(output)}",
                         out / f"cross_attention_layer{i}.png", next_ids=output)
              for i, p in enumerate(att.cross_attention)]
     encoder = [plot_heads(np.asarray(p)[0], enc_mask, source, source, f"encoder layer {i} self-attention",
@@ -774,30 +809,23 @@ def _seq2seq_sections(params, config, out: pathlib.Path, text: str) -> tuple[lis
         Section("Encoder self-attention (bidirectional, source padding masked)", "", encoder),
         Section("Decoder masked self-attention", "", decoder),
     ]
-    return sections, source
+    return sections
 
 
 def _cost_section(cost: DecodeCost, out: pathlib.Path) -> Section:
-    t = cost.totals
-    rows = [
-        ("query rows", f"{int(cost.uncached_rows.sum()):,}", f"{int(cost.cached_rows.sum()):,}"),
-        ("FLOPs (counted)", f"{t['uncached_flops'] / 1e9:.4f} G", f"{t['cached_flops'] / 1e9:.4f} G"),
-        ("time (measured)", f"{t['uncached_seconds'] * 1e3:.1f} ms", f"{t['cached_seconds'] * 1e3:.1f} ms"),
-    ]
-    table = ("<table><tr><th></th><th>uncached</th><th>cached</th></tr>"
-             + "".join(f"<tr><th>{a}</th><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows) + "</table>")
-    sampled = ("every step" if t["uncached_exact"]
-               else f"{len(cost.sampled_steps)} evenly spaced steps, linear in between")
+    table = ("<table><tr><th>total</th><th>uncached</th><th>cached</th><th>uncached / cached</th></tr>"
+             + "".join(f"<tr><th>{html.escape(a)}</th><td>{b}</td><td>{c}</td><td>{d}</td></tr>"
+                       for a, b, c, d in cost_summary(cost)) + "</table>")
+    sampled = ("every step" if cost.uncached_exact
+               else f"{len(cost.sampled_steps)} evenly spaced steps (*: linear in between)")
     text = _p(
         f"Greedy decoding of {len(cost.steps)} tokens after a {cost.prompt_len}-token prompt. "
         "<b>Uncached</b>: step j reruns the whole model over the prefix of P + j - 1 tokens "
         f"(a jitted <code>jaxdec.api.apply</code>, timed at {sampled}). <b>Cached</b>: the prompt "
-        "once (prefill), then one query row per step against the KV cache (<code>jaxdec.generate"
-        "</code>, timed for all steps and for one; their difference gives the per-step time). "
-        "FLOPs are the matmuls counted from the config (projections, attention scores and values, "
-        f"MLP, output head); the cached step's attention reads all {cost.capacity} cache slots. "
-        f"For reference, <code>jaxdec.generate(use_cache=False)</code>, which reruns its whole "
-        f"{cost.capacity}-slot buffer every step, took {t['library_uncached_seconds'] * 1e3:.1f} ms. "
+        "once (<code>prefill</code>), then one query row per step against the KV cache "
+        "(<code>decode_step</code>), each call timed (<code>jaxdec.generate</code> runs the same "
+        "two functions in one compiled loop). FLOPs are the matmuls counted from the config "
+        "(projections, attention scores and values over the filled keys, MLP, output head). "
         f"Machine: {html.escape(_machine())}."
     )
     return Section("Decode cost: what the KV cache saves", text, [plot_cost(cost, out / "decode_cost.png")],
@@ -855,15 +883,15 @@ def explain(loaded: LoadedModel, out: str | os.PathLike, *, text: str | None = N
     with rc_context(_rc()):
         sections = [_mask_sections(out)]
         if seq2seq:
-            more, source = _seq2seq_sections(params, config, out, text)
-            sections += more
-            prompt = np.array([BOS_ID], np.int32)
+            # The decode-cost run is the model's greedy translation; the heatmaps show it.
+            source, prompt = TOKENIZER.encode(text), np.array([BOS_ID], np.int32)
+            cost = measure_decode_cost(params, config, prompt, new_tokens, samples=samples,
+                                       repeats=repeats, source=source)
+            sections += _seq2seq_sections(params, config, out, source, cost.generated)
         else:
-            section, _ = _heads_section(params, config, out, text)
-            sections.append(section)
-            source, prompt = None, encode_sentence(text)
-        cost = measure_decode_cost(params, config, prompt, new_tokens, samples=samples, repeats=repeats,
-                                   source=source)
+            cost = measure_decode_cost(params, config, encode_sentence(text), new_tokens, samples=samples,
+                                       repeats=repeats)
+            sections.append(_heads_section(params, config, out, text))
         sections.append(_cost_section(cost, out))
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     kind = "encoder-decoder" if seq2seq else "decoder-only"
