@@ -105,7 +105,8 @@ def attend(
     *,
     heads_first: bool = False,
     zero_unseen_values: bool = True,
-) -> jax.Array:
+    return_probs: bool = False,
+):
     """Multi-head scaled dot-product attention with grouped K/V heads.
 
     Args:
@@ -118,14 +119,18 @@ def attend(
       zero_unseen_values: zero the values no query may see, so NaN or inf there cannot reach the
         output through 0 * NaN. The cached decode step turns this per-step pass over the cache
         off: its unseen slots hold zeros or K/V computed from finite activations.
+      return_probs: also return the attention probabilities float32 [B, N, T, S] (for
+        inspection; the same softmax the output is computed from).
 
     Returns:
-      [B, T, N, H] in q's dtype. Rows with no allowed key are zeros.
+      [B, T, N, H] in q's dtype (rows with no allowed key are zeros); with return_probs, the
+      pair (out, probs).
     """
     if q.ndim == 3:
         mask = None if mask is None else jnp.asarray(mask)[None]
-        return attend(q[None], k[None], v[None], mask, heads_first=heads_first,
-                      zero_unseen_values=zero_unseen_values)[0]
+        out = attend(q[None], k[None], v[None], mask, heads_first=heads_first,
+                     zero_unseen_values=zero_unseen_values, return_probs=return_probs)
+        return jax.tree.map(lambda a: a[0], out)
     B, T, N, H = q.shape
     K, S = (k.shape[1], k.shape[2]) if heads_first else (k.shape[2], k.shape[1])
     kv = "BKSH" if heads_first else "BSKH"
@@ -142,6 +147,86 @@ def attend(
             seen = jnp.any(mask, axis=1)  # [B, S]
             v = jnp.where(seen[:, None, :, None] if heads_first else seen[:, :, None, None], v, 0)
         mask = mask[:, None] if G == 1 else mask[:, None, None]  # [B, 1, (1,) T, S]
-    probs = safe_softmax(scores, mask).astype(v.dtype)
-    out = jnp.einsum(f"{sd},{kvd}->{qd}", probs, v)  # [B, T, K, (G,) H]
-    return out.reshape(B, T, N, H)
+    probs = safe_softmax(scores, mask)
+    out = jnp.einsum(f"{sd},{kvd}->{qd}", probs.astype(v.dtype), v)  # [B, T, K, (G,) H]
+    out = out.reshape(B, T, N, H)
+    if return_probs:
+        return out, probs.reshape(B, N, T, S)
+    return out
+
+
+def attend_cache(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    starts: jax.Array,
+    end: jax.Array,
+    *,
+    layer: jax.Array | int = 0,
+    block_size: int,
+) -> jax.Array:
+    """Attention of T new queries over the filled part of a KV cache only.
+
+    The queries sit at slots end .. end + T - 1 and query t sees slots starts[b] .. end + t of
+    its example. Keys are read in blocks of `block_size` slots, from the block holding the
+    earliest start to the block holding the last query, with an online (running max and sum)
+    softmax, so a step costs what the filled slots need, not what the capacity holds. The
+    result equals `attend` over the whole cache with the same mask up to float rounding.
+
+    Args:
+      q: [B, T, N, H] queries.
+      k, v: [L, B, K, S, H] the cache of every layer (heads before slots); `layer` picks one,
+        so a layer scan can carry the whole cache and update it in place.
+      starts: int32 [B], first valid slot of each example; end: int32 [], slot of query 0.
+      layer: int32 [] layer index into k and v.
+      block_size: key slots per block; a cache of at most this many slots is read in one pass
+        with no loop.
+
+    Returns:
+      [B, T, N, H] in q's dtype. Slots beyond end + T - 1 are never read into the output.
+    """
+    B, T, N, H = q.shape
+    _, _, K, S, _ = k.shape
+    if N % K:
+        raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
+    G = N // K
+    query_slots = end + jnp.arange(T)  # [T]
+    if S <= block_size:
+        # One block: the plain masked attention, no loop (as fast as before for small caches).
+        k_l = jax.lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)  # [B, K, S, H]
+        v_l = jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
+        mask = key_range_mask(starts, jnp.full_like(starts, S), S)[:, None, :]  # [B, 1, S]
+        mask = mask & (jnp.arange(S)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
+        return attend(q, k_l, v_l, mask, heads_first=True, zero_unseen_values=False)
+
+    C = block_size
+    qg = (q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, q.dtype))  # [B, T, K, G, H]
+    first = jnp.min(starts) // C
+    last = (end + T - 1) // C  # the block of the last query, inclusive
+
+    def block(j, carry):
+        row_max, row_sum, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
+        # The last block may stick out of the cache: read it shifted back, and mask the slots
+        # that belong to the previous block so that none is counted twice.
+        lo = j * C
+        s0 = jnp.minimum(lo, S - C)
+        k_b = jax.lax.dynamic_slice(k, (layer, 0, 0, s0, 0), (1, B, K, C, H))[0]  # [B, K, C, H]
+        v_b = jax.lax.dynamic_slice(v, (layer, 0, 0, s0, 0), (1, B, K, C, H))[0]
+        slots = s0 + jnp.arange(C)  # [C]
+        allowed = ((slots[None, None, :] >= jnp.maximum(lo, starts)[:, None, None])
+                   & (slots[None, None, :] <= query_slots[None, :, None]))  # [B, T, C]
+        scores = jnp.einsum("BTKGH,BKCH->BKGTC", qg, k_b).astype(jnp.float32)
+        scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
+        new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1))
+        shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # no -inf - -inf
+        probs = jnp.exp(scores - shift[..., None])  # 0 at masked slots
+        rescale = jnp.exp(row_max - shift)  # 0 while nothing was seen
+        row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum("BKGTC,BKCH->BKGTH", probs.astype(v.dtype), v_b)
+        return new_max, row_sum, acc
+
+    init = (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, K, G, T, H), jnp.float32))
+    _, row_sum, acc = jax.lax.fori_loop(first, last + 1, block, init)
+    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]  # rows that saw nothing: zeros
+    return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, N, H).astype(q.dtype)

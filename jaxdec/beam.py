@@ -19,20 +19,22 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxdec import api, seq2seq
+from jaxdec import api, model, seq2seq
+from jaxdec import cache as kv_cache
 from jaxdec.cache import KVCache
-from jaxdec.decode import GenerateResult, _prefill_and_step, prepare_inputs, right_align
+from jaxdec.decode import GenerateResult, _prefill_and_step, prepare_inputs
 from jaxdec.sampling import Greedy
 
 NEG_INF = -1.0e9  # finite "impossible" score: keeps arithmetic NaN-free
 
 
 def _select_rows(cache, rows: jax.Array):
-    """Reorders the batch rows of a decode cache (KVCache or Seq2SeqCache) by rows int32 [R]."""
+    """Reorders the batch rows of a decode cache (KVCache or Seq2SeqCache) by rows int32 [R],
+    touching only its filled slots."""
     if isinstance(cache, seq2seq.Seq2SeqCache):
         return cache.replace(self_kv=_select_rows(cache.self_kv, rows))
     assert isinstance(cache, KVCache)
-    return cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], starts=cache.starts[rows])
+    return kv_cache.select_rows(cache, rows, model.BLOCK_SIZE)
 
 
 def _repeat_rows(tree, n: int):
@@ -124,8 +126,7 @@ def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, 
 def _beam_search(params, config, prompts, lengths, source, source_lengths, eos_id, pad_id, *,
                  beam_size, max_new_tokens, capacity, length_penalty, early_stopping):
     B, W, N = prompts.shape[0], beam_size, max_new_tokens
-    tokens, starts = right_align(prompts, lengths, capacity - max_new_tokens)
-    logits, cache, step = _prefill_and_step(params, config, tokens, starts, capacity, source,
+    logits, cache, step = _prefill_and_step(params, config, prompts, lengths, capacity, source,
                                             source_lengths, use_cache=True, cache_cross=True)
     state = BeamState(
         cache=_repeat_rows(cache, W),
@@ -144,13 +145,16 @@ def _beam_search(params, config, prompts, lengths, source, source_lengths, eos_i
     state, rows, last_tokens = update(state, log_probs, 0)
     positions = jnp.repeat(lengths, W)
 
-    def body(carry, t):
+    def run(carry, t):
         state, rows, last_tokens = carry
         cache = _select_rows(state.cache, rows)
         logits, cache = step(params, config, cache, last_tokens, positions + t - 1)
         log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(B, W, -1)
-        state, rows, last_tokens = update(state.replace(cache=cache), log_probs, t)
-        return (state, rows, last_tokens), None
+        return update(state.replace(cache=cache), log_probs, t)
+
+    def body(carry, t):
+        # Once every example is done its finished set is final: skip the model and the ranking.
+        return jax.lax.cond(jnp.all(carry[0].done), lambda c, t: c, run, carry, t), None
 
     (state, _, _), _ = jax.lax.scan(body, (state, rows, last_tokens), jnp.arange(1, N))
     best = state.finished_tokens[:, 0]  # [B, N]

@@ -1,10 +1,13 @@
 """The KV cache: a preallocated, fixed-capacity pytree of keys and values for every layer.
 
-Layout. Prompts are stored right-aligned: example b's real tokens occupy slots
-[starts[b], end) and every example writes its next token at the same slot `end`. One scalar slot
-makes each write a single in-place `lax.dynamic_update_slice` instead of a per-row scatter, while
-each example keeps its own positions (slot - starts[b]) and its own valid keys, so it decodes
-exactly as it would alone. Slots before starts[b] hold padding that is never attended.
+Layout. Prompts are stored right-aligned against the longest one: example b's real tokens
+occupy slots [starts[b], end) and every example writes its next token at the same slot `end`.
+One scalar slot makes each write a single in-place `lax.dynamic_update_slice` instead of a
+per-row scatter, while each example keeps its own positions (slot - starts[b]) and its own valid
+keys, so it decodes exactly as it would alone. Slots before starts[b] hold padding that is never
+attended, and slots from `end` on are never read: attention (`attention.attend_cache`) visits
+only the blocks between the earliest start and the newest query, so a step's cost follows the
+filled length, not the capacity.
 
 Capacity is checked on the host before decoding (`check_capacity`): `dynamic_update_slice`
 clamps an out-of-range start, which would silently overwrite the last slot.
@@ -66,27 +69,61 @@ def check_capacity(capacity: int, needed: int) -> None:
         )
 
 
-def write(cache: KVCache, layer: int, k: jax.Array, v: jax.Array) -> KVCache:
+def write(cache: KVCache, layer: int | jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
     """Writes new keys/values k, v [B, T, K, H] of `layer` at slots end .. end + T - 1.
 
+    `layer` may be traced (a layer scan carries the whole cache and updates it in place).
     `end` is not advanced: every layer writes the same slots; call `advance` once per step.
     """
-    start = (layer, 0, 0, cache.end, 0)
-    k = jnp.swapaxes(k, 1, 2)[None].astype(cache.k.dtype)  # [1, B, K, T, H]
-    v = jnp.swapaxes(v, 1, 2)[None].astype(cache.v.dtype)
-    new_k = jax.lax.dynamic_update_slice(cache.k, k, start)
-    new_v = jax.lax.dynamic_update_slice(cache.v, v, start)
-    return cache.replace(k=new_k, v=new_v)
+    k_all, v_all = write_layer(cache.k, cache.v, layer, cache.end, k, v)
+    return cache.replace(k=k_all, v=v_all)
 
 
-def advance(cache: KVCache, num_tokens: int) -> KVCache:
+def write_layer(k_all: jax.Array, v_all: jax.Array, layer, end, k: jax.Array, v: jax.Array):
+    """The arrays behind `write`: k_all, v_all [L, B, K, S, H]; k, v [B, T, K, H] at slot end."""
+    start = (layer, 0, 0, end, 0)
+    k = jnp.swapaxes(k, 1, 2)[None].astype(k_all.dtype)  # [1, B, K, T, H]
+    v = jnp.swapaxes(v, 1, 2)[None].astype(v_all.dtype)
+    return (jax.lax.dynamic_update_slice(k_all, k, start),
+            jax.lax.dynamic_update_slice(v_all, v, start))
+
+
+def advance(cache: KVCache, num_tokens: int | jax.Array) -> KVCache:
     return cache.replace(end=cache.end + num_tokens)
+
+
+def select_rows(cache: KVCache, rows: jax.Array, block_size: int) -> KVCache:
+    """Reorders the batch rows of the cache by rows int32 [R] (beam search), copying only the
+    blocks of `block_size` slots between the earliest start and `end`, in place: a step's cost
+    follows the filled length, not the capacity."""
+    L, _, K, S, H = cache.k.shape
+    starts = cache.starts[rows]
+    if S <= block_size:
+        return cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], starts=starts)
+    C = block_size
+
+    def block(j, kv):
+        # The last block may stick out of the cache: read it shifted back and leave the slots
+        # of the previous block (already reordered) as they are.
+        s0 = jnp.minimum(j * C, S - C)
+        fresh = (s0 + jnp.arange(C) >= j * C)[None, None, None, :, None]  # [1, 1, 1, C, 1]
+
+        def reorder(a):
+            b = jax.lax.dynamic_slice(a, (0, 0, 0, s0, 0), (L, a.shape[1], K, C, H))
+            return jax.lax.dynamic_update_slice(a, jnp.where(fresh, b[:, rows], b), (0, 0, 0, s0, 0))
+
+        return tuple(map(reorder, kv))
+
+    first, last = jnp.min(cache.starts) // C, (cache.end - 1) // C
+    k, v = jax.lax.fori_loop(first, last + 1, block, (cache.k, cache.v))
+    return cache.replace(k=k, v=v, starts=starts)
 
 
 def query_mask(cache: KVCache, query_len: int) -> jax.Array:
     """Mask for `query_len` new queries at slots end .. end + T - 1: bool [B, T, S].
 
     Query t sees each example's valid slots up to and including its own (starts[b] <= s <= end + t).
+    The masked reference that `attention.attend_cache` must equal; decoding never builds it.
     """
     slots = jnp.arange(cache.capacity)[None, None, :]  # [1, 1, S]
     ends = cache.end + jnp.arange(1, query_len + 1)[None, :, None]  # [1, T, 1], exclusive

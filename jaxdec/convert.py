@@ -24,7 +24,7 @@ Tied copies (lm_head.weight, the per-stack embed_tokens.weight of shared embeddi
 present or not; when present they must equal the tensor they are tied to.
 
 GPT-2 mapping (Conv1D weights are stored [in, out] already: no transposes). Per layer i, HF
-names under "h.{i}." map into params["layers"][i]:
+names under "h.{i}." map into layer i of params["layers"] (stacked: index i of every leaf):
 
 | HF name (prefix "transformer." optional)  | jaxdec                         | transform            |
 |-------------------------------------------|--------------------------------|----------------------|
@@ -48,7 +48,7 @@ Marian mapping (nn.Linear weights are stored [out, in]: transposed to our [in, o
 sinusoidal positions (sines in the first half, cosines in the second, no position offset),
 LayerNorm eps 1e-5, embeddings scaled by sqrt(D) iff scale_embedding. "S.l.i." is
 "encoder.layers.i." or "decoder.layers.i." (prefix "model." optional) into
-params[encoder|decoder]["layers"][i]:
+layer i of params[encoder|decoder]["layers"] (stacked: index i of every leaf):
 
 | HF name                                             | jaxdec                      | transform                |
 |-----------------------------------------------------|-----------------------------|--------------------------|
@@ -417,12 +417,33 @@ def _check_filled(tree, path=()) -> None:
 
 
 def _expected_tree(config) -> dict:
-    """The params tree init_params would build for config: shapes only, nothing allocated."""
+    """The params tree init_params would build for config, shapes only, nothing allocated, with
+    every stacked "layers" dict split into a list of per-layer dicts (the rules address layer i
+    as ("layers", i, ...)); `_stack_layers` turns the filled tree back into the one layout."""
     import jax
 
     from jaxdec.api import init_params
 
-    return jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+    def split(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {k: split(v) for k, v in tree.items() if k != "layers"}
+        if "layers" in tree:
+            L = jax.tree.leaves(tree["layers"])[0].shape[0]
+            out["layers"] = [jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype),
+                                          tree["layers"]) for _ in range(L)]
+        return out
+
+    return split(jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)))
+
+
+def _stack_layers(tree):
+    """Per-layer lists of dicts -> the stacked [L, ...] layout that every jaxdec function uses."""
+    from jaxdec.model import stack_blocks
+
+    if not isinstance(tree, dict):
+        return tree
+    return {k: stack_blocks(v) if k == "layers" else _stack_layers(v) for k, v in tree.items()}
 
 
 def _tie(tensors: dict, names: list[str], what: str) -> str:
@@ -529,7 +550,7 @@ def from_gpt2(source, config=None) -> tuple[DecoderConfig, dict]:
     params = _build(rules, tensors, _expected_tree(dconfig),
                     ignored=lambda n: bool(_GPT2_BUFFER.fullmatch(n)) or tied_copy(n), optional={})
     _check_filled(params)
-    return dconfig, params
+    return dconfig, _stack_layers(params)
 
 
 # --- Marian -----------------------------------------------------------------------------------
@@ -733,7 +754,7 @@ def from_marian(source, config=None) -> tuple[Seq2SeqConfig, dict]:
                     ignored=lambda n: n in _MARIAN_POSITIONS or (n in copies and n not in used),
                     optional={"final_logits_bias": np.zeros((1, V), np.float32)})
     _check_filled(params)
-    return sconfig, params
+    return sconfig, _stack_layers(params)
 
 
 # --- special ids and whole checkpoints ---------------------------------------------------------

@@ -49,7 +49,8 @@ class DecodeState:
 class GenerateResult:
     """tokens int32 [B, max_new_tokens] (pad_id after an example's eos); lengths int32 [B];
     logits float32 [B, max_new_tokens, V] that each token was sampled from (if requested; after
-    an example's eos they are the model's logits after the fed pad_id, and unused)."""
+    an example's eos they are the model's logits after the fed pad_id, as in Hugging Face, and
+    unused; zeros at the steps after every example has stopped, which are skipped)."""
 
     tokens: jax.Array
     lengths: jax.Array
@@ -76,6 +77,9 @@ def decode_loop(
 ) -> GenerateResult:
     """Samples max_new_tokens tokens per example with one `lax.scan`.
 
+    Once every example has emitted eos_id, the remaining steps skip the model (`lax.cond`):
+    the outputs keep their fixed shapes and the program its single compilation.
+
     Args:
       step_fn: (params, cache, tokens [B], positions [B]) -> (logits [B, V], cache).
       first_logits: float32 [B, V], the prefill's prediction of the first new token.
@@ -93,7 +97,7 @@ def decode_loop(
         key=key,
     )
 
-    def body(state: DecodeState, _):
+    def run(state: DecodeState):
         logits, cache = step_fn(params, state.cache, state.tokens, state.positions)
         key, sub = jax.random.split(state.key)
         token = jnp.where(state.done, pad_id, sampler(logits, sub))
@@ -107,6 +111,14 @@ def decode_loop(
         )
         return new, (token, logits if return_logits else None)
 
+    def skip(state: DecodeState):
+        # Every row has emitted eos: the rest of the scan costs next to nothing.
+        logits = jnp.zeros_like(first_logits) if return_logits else None
+        return state, (jnp.full_like(state.tokens, pad_id), logits)
+
+    def body(state: DecodeState, _):
+        return jax.lax.cond(jnp.all(state.done), skip, run, state)
+
     final, (tokens, logits) = jax.lax.scan(body, state, length=max_new_tokens - 1)
     tokens = jnp.concatenate([first[:, None], tokens.T], axis=1)  # [B, max_new_tokens]
     if return_logits:
@@ -114,32 +126,21 @@ def decode_loop(
     return GenerateResult(tokens=tokens, lengths=final.lengths, logits=logits)
 
 
-def right_align(prompts: jax.Array, lengths: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
-    """Moves right-padded prompts [B, P] to the right edge of [B, width]; returns tokens, starts.
-
-    Example b's tokens land in slots width - lengths[b] .. width - 1; slots before hold token 0.
-    """
-    starts = (width - lengths).astype(jnp.int32)
-    src = jnp.arange(width)[None, :] - starts[:, None]  # [B, W] index into the prompt
-    gathered = jnp.take_along_axis(prompts, jnp.clip(src, 0, prompts.shape[1] - 1), axis=1)
-    return jnp.where(src >= 0, gathered, 0).astype(jnp.int32), starts
-
-
-def _prefill_and_step(params, config, tokens, starts, capacity, source, source_lengths,
+def _prefill_and_step(params, config, tokens, lengths, capacity, source, source_lengths,
                       use_cache: bool, cache_cross: bool):
     """The model family's prefill, run now, and its step function for the loop."""
     if isinstance(config, Seq2SeqConfig):
         if use_cache:
-            logits, state = seq2seq.prefill(params, config, tokens, starts, capacity, source,
+            logits, state = seq2seq.prefill(params, config, tokens, lengths, capacity, source,
                                             source_lengths, cache_cross)
             return logits, state, seq2seq.decode_step
-        logits, state = seq2seq.prefill_uncached(params, config, tokens, starts, capacity, source,
+        logits, state = seq2seq.prefill_uncached(params, config, tokens, lengths, capacity, source,
                                                  source_lengths)
         return logits, state, seq2seq.recompute_step
     if use_cache:
-        logits, state = model.prefill(params, config, tokens, starts, capacity)
+        logits, state = model.prefill(params, config, tokens, lengths, capacity)
         return logits, state, model.decode_step
-    logits, state = model.prefill_uncached(params, config, tokens, starts, capacity)
+    logits, state = model.prefill_uncached(params, config, tokens, lengths, capacity)
     return logits, state, model.recompute_step
 
 
@@ -150,8 +151,7 @@ def _prefill_and_step(params, config, tokens, starts, capacity, source, source_l
 )
 def _generate(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id, *,
               sampler, max_new_tokens, capacity, use_cache, cache_cross, return_logits):
-    tokens, starts = right_align(prompts, lengths, capacity - max_new_tokens)
-    logits, state, step = _prefill_and_step(params, config, tokens, starts, capacity, source,
+    logits, state, step = _prefill_and_step(params, config, prompts, lengths, capacity, source,
                                             source_lengths, use_cache, cache_cross)
     return decode_loop(
         lambda p, c, t, pos: step(p, config, c, t, pos),

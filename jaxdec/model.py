@@ -1,10 +1,16 @@
-"""The decoder-only LM: init, forward (training), prefill and one cached decode step.
+"""The decoder-only LM: init, forward (training), chunked prefill, extend and one decode step.
 
-Three small functions per phase share the same layers:
-- `forward`: all T positions in parallel under the causal (and padding) mask, for training.
-- `prefill`: one forward pass over right-aligned prompts that also writes their K/V to the cache.
-- `decode_step`: the newest token's query row only, attending to the cache's valid keys.
+Small functions per phase share the same layers:
+- `forward` (`decoder_logits`): all T positions in parallel under the causal (and padding) mask.
+- `extend`: forward a chunk of C new tokens against the KV cache, writing their K/V at the
+  cache's end; each row keeps its own positions. `decode_step` is extend with C = 1.
+- `prefill`: the prompt in fixed-size chunks through `extend`, only as many chunks as the
+  longest prompt needs, so no [B, N, P, P] score tensor is ever built.
 `recompute_step` is the uncached baseline: it reruns the whole buffer every step.
+
+The L blocks' parameters are stacked along a leading axis and run under `lax.scan`, so compile
+time does not grow with depth. In the cached paths the scan carries the whole [L, B, K, S, H]
+cache and updates it in place at the layer's index.
 """
 
 from __future__ import annotations
@@ -17,35 +23,60 @@ import jax.numpy as jnp
 
 from jaxdec import cache as kv_cache
 from jaxdec import layers
-from jaxdec.attention import attend, causal_mask, combine_masks, decoder_self_mask, key_range_mask
-from jaxdec.cache import CrossKV
+from jaxdec.attention import attend, attend_cache, causal_mask, combine_masks, decoder_self_mask, key_range_mask
+from jaxdec.cache import CrossKV, KVCache
 from jaxdec.config import DecoderConfig
 
+# Key slots per attention block of a cached step, and query rows per prefill chunk. A cache of
+# at most BLOCK_SIZE slots is read in one pass; longer ones in blocks up to the newest key.
+BLOCK_SIZE = 512
+CHUNK_SIZE = 512
+
 # --- parameters -------------------------------------------------------------------------------
+
+
+def init_block(key: jax.Array, config, out_std: float, cross: bool = False) -> dict:
+    """One block's parameters: {attn_norm, attn, (cross_norm, cross,) mlp_norm, mlp}."""
+    k_attn, k_cross, k_mlp = jax.random.split(key, 3)
+    D = config.d_model
+    block = {"attn_norm": layers.init_norm(D), "attn": layers.init_attention(k_attn, config, out_std)}
+    if cross:
+        block |= {"cross_norm": layers.init_norm(D),
+                  "cross": layers.init_attention(k_cross, config, out_std, cross=True)}
+    return block | {"mlp_norm": layers.init_norm(D), "mlp": layers.init_mlp(k_mlp, config, out_std)}
+
+
+def init_blocks(key: jax.Array, config, num_layers: int, cross: bool = False) -> dict:
+    """num_layers blocks stacked: every leaf of `init_block`'s dict gains a leading [L] axis."""
+    out_std = config.init_std / math.sqrt(2 * num_layers)
+    return jax.vmap(lambda k: init_block(k, config, out_std, cross))(jax.random.split(key, num_layers))
+
+
+def stack_blocks(blocks: list[dict]) -> dict:
+    """A list of per-layer dicts -> one dict of [L, ...] arrays (the layout every function uses)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+
+
+def unstack_blocks(stacked: dict) -> list[dict]:
+    """The inverse of `stack_blocks`: [L, ...] leaves -> a list of L per-layer dicts."""
+    L = jax.tree.leaves(stacked)[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(L)]
 
 
 def init_decoder_params(config: DecoderConfig, key: jax.Array) -> dict:
     """Random parameters of the decoder-only LM, float32.
 
-    Returns a pytree: embed [V,D]; pos_embed [max_len,D] (learned positions only); layers: a list
-    of L dicts {attn_norm, attn, mlp_norm, mlp}; final_norm (pre-LN only); head [D,V] (untied only).
-    Residual output projections use std init_std / sqrt(2L) (GPT-2).
+    Returns a pytree: embed [V,D]; pos_embed [max_len,D] (learned positions only); layers: one
+    dict {attn_norm, attn, mlp_norm, mlp} whose every leaf has a leading [L] axis (e.g.
+    attn.qkv [L, D, (N+2K)*H]); final_norm (pre-LN only); head [D,V] (untied only). Residual
+    output projections use std init_std / sqrt(2L) (GPT-2).
     """
     k_embed, k_pos, k_head, k_layers = jax.random.split(key, 4)
-    out_std = config.init_std / math.sqrt(2 * config.num_layers)
     D = config.d_model
     params: dict = {"embed": layers._normal(k_embed, (config.vocab_size, D), config.init_std)}
     if config.position == "learned":
         params["pos_embed"] = layers._normal(k_pos, (config.max_len, D), config.init_std / 2)
-    params["layers"] = [
-        {
-            "attn_norm": layers.init_norm(D),
-            "attn": layers.init_attention(k_attn, config, out_std),
-            "mlp_norm": layers.init_norm(D),
-            "mlp": layers.init_mlp(k_mlp, config, out_std),
-        }
-        for k_attn, k_mlp in jax.random.split(k_layers, (config.num_layers, 2))
-    ]
+    params["layers"] = init_blocks(k_layers, config, config.num_layers)
     if config.norm_position == "pre":
         params["final_norm"] = layers.init_norm(D)
     if not config.tie_embeddings:
@@ -115,51 +146,80 @@ def _dropper(rate: float, rng: jax.Array | None):
     return lambda y, site: layers.dropout(y, rate, jax.random.fold_in(rng, site))
 
 
-def cross_sublayer(p: dict, config, x: jax.Array, cross: CrossKV, layer: int, drop=lambda y: y,
-                   zero_unseen_values: bool = True):
-    """Cross-attention: Q from the decoder stream x [B,T,D], K/V precomputed from the encoder."""
+def cross_sublayer(p: dict, config, x: jax.Array, cross_k: jax.Array, cross_v: jax.Array,
+                   cross_mask: jax.Array, drop=lambda y: y, return_probs: bool = False):
+    """Cross-attention: Q from the decoder stream x [B,T,D], K/V [B,K,S,H] precomputed from the
+    encoder, cross_mask bool [B,S] (real source positions). With return_probs also the
+    probabilities [B,N,T,S]."""
     h = sublayer_in(p["cross_norm"], config, x)
     q = layers.project_q(p["cross"], h, config.num_heads)
-    o = attend(q, cross.k[layer], cross.v[layer], cross.mask()[:, None, :], heads_first=True,
-               zero_unseen_values=zero_unseen_values)
-    return sublayer_out(p["cross_norm"], config, x, drop(layers.project_out(p["cross"], o)))
+    # The projected K/V of source padding are finite: no zeroing pass is needed.
+    o = attend(q, cross_k, cross_v, cross_mask[:, None, :], heads_first=True,
+               zero_unseen_values=False, return_probs=return_probs)
+    o, probs = o if return_probs else (o, None)
+    return sublayer_out(p["cross_norm"], config, x, drop(layers.project_out(p["cross"], o))), probs
 
 
-def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=None, cross=None):
-    """All blocks over a full sequence; returns x [B,T,D] and each layer's (k, v) [B,T,K,H].
+def _cross_xs(cross: CrossKV | None):
+    """The per-layer scan inputs of cross-attention: (k, v) [L, B, K, S, H], or None."""
+    return None if cross is None else (cross.k, cross.v)
+
+
+def scan_blocks(body, carry, stacked: dict, extra_xs=None):
+    """Runs body(carry, (layer_params, layer_index, extra)) -> (carry, y) over the stacked
+    blocks with `lax.scan`: one traced block whatever the depth."""
+    L = jax.tree.leaves(stacked)[0].shape[0]
+    return jax.lax.scan(body, carry, (stacked, jnp.arange(L), extra_xs))
+
+
+def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=None, cross=None,
+               return_attention: bool = False):
+    """All blocks over a full sequence: x [B,T,D] -> x [B,T,D], attention.
 
     mask: bool broadcastable to [B, T, T]. cross: CrossKV for encoder-decoder blocks, which run
-    cross-attention between self-attention and the MLP.
+    cross-attention between self-attention and the MLP. With return_attention, attention is
+    {"self": float32 [L, B, N, T, T], "cross": float32 [L, B, N, T, S] or None}; else None.
     """
     drop = _dropper(dropout_rate, rng)
-    kvs = []
-    for i, p in enumerate(params["layers"]):
+    cross_mask = None if cross is None else cross.mask()
+
+    def block(x, xs):
+        p, i, cross_kv = xs
         h = sublayer_in(p["attn_norm"], config, x)
         q, k, v = self_qkv(p["attn"], config, h, positions)
-        o = layers.project_out(p["attn"], attend(q, k, v, mask))
-        x = sublayer_out(p["attn_norm"], config, x, drop(o, 3 * i + 1))
-        if cross is not None:
-            x = cross_sublayer(p, config, x, cross, i, lambda y, s=3 * i + 2: drop(y, s))
-        x = mlp_sublayer(p, config, x, lambda y, s=3 * i + 3: drop(y, s))
-        kvs.append((k, v))
-    return x, kvs
+        o = attend(q, k, v, mask, return_probs=return_attention)
+        o, self_probs = o if return_attention else (o, None)
+        x = sublayer_out(p["attn_norm"], config, x, drop(layers.project_out(p["attn"], o), 3 * i + 1))
+        cross_probs = None
+        if cross_kv is not None:
+            x, cross_probs = cross_sublayer(p, config, x, *cross_kv, cross_mask,
+                                            lambda y: drop(y, 3 * i + 2), return_attention)
+        x = mlp_sublayer(p, config, x, lambda y: drop(y, 3 * i + 3))
+        return x, ({"self": self_probs, "cross": cross_probs} if return_attention else None)
+
+    return scan_blocks(block, x, params["layers"], _cross_xs(cross))
 
 
 # --- forward (teacher forcing) ----------------------------------------------------------------
 
 
-def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None, cross=None):
+def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None, cross=None,
+                   return_attention: bool = False):
     """Traceable forward pass without host checks: tokens [B,T], lengths [B] -> logits [B,T,V].
 
-    cross: the encoder's cross-attention K/V, for the encoder-decoder's decoder.
+    cross: the encoder's cross-attention K/V, for the encoder-decoder's decoder. With
+    return_attention, returns (logits, {"self": float32 [L,B,N,T,T], "cross": float32
+    [L,B,N,T,S] or None}), the probabilities this very pass used.
     """
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     x = embed_inputs(params, config, tokens, positions)
     x = _dropper(dropout_rate, rng)(x, 0)
     mask = decoder_self_mask(lengths, T)
-    x, _ = run_layers(params, config, x, positions, mask, dropout_rate, rng, cross=cross)
-    return output_logits(params, config, x)
+    x, attention = run_layers(params, config, x, positions, mask, dropout_rate, rng, cross=cross,
+                              return_attention=return_attention)
+    logits = output_logits(params, config, x)
+    return (logits, attention) if return_attention else logits
 
 
 # --- cached decoding --------------------------------------------------------------------------
@@ -176,53 +236,119 @@ def aligned_self_mask(starts: jax.Array, width: int) -> jax.Array:
     return combine_masks(causal_mask(width)[None], valid_keys[:, None, :])
 
 
-def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, starts: jax.Array, capacity: int,
-            cross: CrossKV | None = None):
-    """One forward pass over right-aligned prompts, writing their K/V into a new cache.
+def right_align(prompts: jax.Array, lengths: jax.Array, width: jax.Array | int):
+    """Moves right-padded prompts [B, P] so that every one ends at slot `width` (<= P; may be
+    traced): example b's tokens land in slots width - lengths[b] .. width - 1; every other
+    slot holds token 0. Returns tokens int32 [B, P] and starts int32 [B]."""
+    starts = (width - lengths).astype(jnp.int32)
+    src = jnp.arange(prompts.shape[1])[None, :] - starts[:, None]  # [B, P] index into the prompt
+    real = (src >= 0) & (src < lengths[:, None])
+    gathered = jnp.take_along_axis(prompts, jnp.clip(src, 0, prompts.shape[1] - 1), axis=1)
+    return jnp.where(real, gathered, 0).astype(jnp.int32), starts
+
+
+def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cross=None):
+    """The layers of `extend`: tokens int32 [B, C] -> final hidden states [B, C, D], new cache."""
+    C = tokens.shape[1]
+    positions = (cache.end + jnp.arange(C)[None, :] - cache.starts[:, None]).astype(jnp.int32)
+    x = embed_inputs(params, config, tokens, positions)  # [B, C, D]
+    cross_mask = None if cross is None else cross.mask()
+
+    def block(carry, xs):
+        x, k_all, v_all = carry
+        p, i, cross_kv = xs
+        h = sublayer_in(p["attn_norm"], config, x)
+        q, k, v = self_qkv(p["attn"], config, h, positions)
+        k_all, v_all = kv_cache.write_layer(k_all, v_all, i, cache.end, k, v)
+        o = attend_cache(q, k_all, v_all, cache.starts, cache.end, layer=i, block_size=BLOCK_SIZE)
+        x = sublayer_out(p["attn_norm"], config, x, layers.project_out(p["attn"], o))
+        if cross_kv is not None:
+            x, _ = cross_sublayer(p, config, x, *cross_kv, cross_mask)
+        return (mlp_sublayer(p, config, x), k_all, v_all), None
+
+    (x, k_all, v_all), _ = scan_blocks(block, (x, cache.k, cache.v), params["layers"], _cross_xs(cross))
+    return x, kv_cache.advance(cache.replace(k=k_all, v=v_all), C)
+
+
+def extend(params: dict, config: DecoderConfig, cache: KVCache, tokens: jax.Array,
+           cross: CrossKV | None = None):
+    """Forwards a chunk of C new tokens per row against the cache: the primitive under prefill,
+    the decode step and (later) speculative verification.
+
+    Row b's tokens go to slots end .. end + C - 1, at positions end - starts[b] + t (each row
+    at its own offset); token t attends to the row's cached keys and to new tokens 0 .. t.
+    Attention reads only the filled blocks of the cache.
 
     Args:
-      tokens: int32 [B, W], example b's prompt in slots starts[b] .. W - 1 (left-padded).
-      starts: int32 [B].
-      capacity: S >= W, cache slots.
+      cache: a KVCache with end + C <= capacity (checked on the host by the callers: a write
+        past the end would be clamped onto the last slots).
+      tokens: int32 [B, C].
       cross: the encoder's cross-attention K/V (encoder-decoder only).
 
     Returns:
-      logits float32 [B, V] at slot W - 1 (every prompt's last token), and the KVCache (end = W).
+      logits float32 [B, C, V] and the cache with end advanced by C.
     """
-    B, W = tokens.shape
-    positions = aligned_positions(starts, W)
-    x = embed_inputs(params, config, tokens, positions)
-    x, kvs = run_layers(params, config, x, positions, aligned_self_mask(starts, W), cross=cross)
-    dtype = kvs[0][0].dtype
+    x, cache = _extend_hidden(params, config, cache, tokens, cross)
+    return output_logits(params, config, x), cache
+
+
+def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, lengths: jax.Array, capacity: int,
+            cross: CrossKV | None = None, chunk_size: int = CHUNK_SIZE):
+    """Writes right-padded prompts into a new cache, in chunks of `chunk_size` tokens.
+
+    The prompts are right-aligned against the longest one (P' = max(lengths)), and only the
+    ceil(P' / chunk) chunks that hold prompt tokens are run, each attending to the cache so
+    far: cost and peak memory follow the real prompt lengths, not P or the capacity, and no
+    [B, N, P, P] score tensor is built. Equal to one pass over the whole prompt up to rounding.
+
+    Args:
+      tokens: int32 [B, P], example b's prompt in columns 0 .. lengths[b] - 1.
+      lengths: int32 [B], 1 <= lengths[b] <= P.
+      capacity: S >= P, cache slots.
+      cross: the encoder's cross-attention K/V (encoder-decoder only).
+      chunk_size: query rows per chunk (static).
+
+    Returns:
+      logits float32 [B, V] after each prompt's last token, and the KVCache (starts[b] =
+      P' - lengths[b], end = P').
+    """
+    B, P = tokens.shape
+    C = min(chunk_size, P)
+    width = jnp.max(lengths).astype(jnp.int32)
+    aligned, starts = right_align(tokens, lengths, width)
+    dtype = jnp.result_type(params["embed"])
     cache = kv_cache.init_cache(config.num_layers, B, capacity, config.kv_heads, config.head_dim, dtype)
-    for i, (k, v) in enumerate(kvs):
-        cache = kv_cache.write(cache, i, k, v)
-    cache = kv_cache.advance(cache.replace(starts=starts.astype(jnp.int32)), W)
+    cache = cache.replace(starts=starts)
+
+    def chunk(c, carry):
+        cache, last = carry
+        # The last chunk is read shifted back so that it ends inside the prompt buffer; its
+        # overlap with the previous chunk recomputes (and rewrites) the same keys and values.
+        s0 = jnp.minimum(c * C, P - C)
+        x, cache = _extend_hidden(params, config, cache.replace(end=s0),
+                                  jax.lax.dynamic_slice_in_dim(aligned, s0, C, axis=1), cross)
+        at = width - 1 - s0  # where the prompts' last token sits in this chunk, if it does
+        row = jax.lax.dynamic_index_in_dim(x, jnp.clip(at, 0, C - 1), axis=1, keepdims=False)
+        return cache, jnp.where((at >= 0) & (at < C), row, last)
+
+    last = jnp.zeros((B, config.d_model), jnp.result_type(params["embed"]))
+    cache, last = jax.lax.fori_loop(0, (width + C - 1) // C, chunk, (cache, last))
     # Only the last position's logits are needed to sample the first new token.
-    return output_logits(params, config, x[:, -1:])[:, 0], cache
+    return output_logits(params, config, last[:, None])[:, 0], cache.replace(end=width)
 
 
-def decode_step(params: dict, config: DecoderConfig, cache, tokens: jax.Array, positions: jax.Array,
-                cross: CrossKV | None = None):
-    """One cached step: tokens, positions int32 [B] -> logits float32 [B, V], updated cache.
+def decode_step(params: dict, config: DecoderConfig, cache: KVCache, tokens: jax.Array,
+                positions: jax.Array, cross: CrossKV | None = None):
+    """One cached step: tokens int32 [B] -> logits float32 [B, V], updated cache.
 
-    Computes only the new query row; its K/V go to slot cache.end, then it attends to slots
-    starts[b] .. end of the cache (and, with cross, to the encoder's precomputed K/V).
+    Computes only the new query row; its K/V go to slot cache.end, then it attends to the
+    filled slots starts[b] .. end of the cache (and, with cross, to the encoder's K/V).
+    positions int32 [B] are implied by the cache (end - starts) and kept for the loop's
+    step-function interface.
     """
-    x = embed_inputs(params, config, tokens[:, None], positions[:, None])  # [B, 1, D]
-    mask = kv_cache.query_mask(cache, 1)  # [B, 1, S]
-    for i, p in enumerate(params["layers"]):
-        h = sublayer_in(p["attn_norm"], config, x)
-        q, k, v = self_qkv(p["attn"], config, h, positions[:, None])
-        cache = kv_cache.write(cache, i, k, v)
-        # Unseen cache slots hold zeros or the prefill's K/V of left padding, finite by
-        # construction: skip attend's per-step zeroing pass over the whole cache.
-        o = attend(q, cache.k[i], cache.v[i], mask, heads_first=True, zero_unseen_values=False)
-        x = sublayer_out(p["attn_norm"], config, x, layers.project_out(p["attn"], o))
-        if cross is not None:
-            x = cross_sublayer(p, config, x, cross, i, zero_unseen_values=False)
-        x = mlp_sublayer(p, config, x)
-    return output_logits(params, config, x)[:, 0], kv_cache.advance(cache, 1)
+    del positions
+    logits, cache = extend(params, config, cache, tokens[:, None], cross)
+    return logits[:, 0], cache
 
 
 # --- uncached baseline ------------------------------------------------------------------------
@@ -250,15 +376,17 @@ def _full_logits_at(params, config, buf: TokenBuffer, slot, cross=None) -> jax.A
     return output_logits(params, config, x)[:, 0]
 
 
-def prefill_uncached(params, config, tokens: jax.Array, starts: jax.Array, capacity: int, cross=None):
+def prefill_uncached(params, config, tokens: jax.Array, lengths: jax.Array, capacity: int, cross=None):
     """Like `prefill`, but the state is the token buffer and logits come from a full recompute."""
-    B, W = tokens.shape
+    B, P = tokens.shape
+    width = jnp.max(lengths).astype(jnp.int32)
+    aligned, starts = right_align(tokens, lengths, width)
     buf = TokenBuffer(
-        tokens=jnp.zeros((B, capacity), jnp.int32).at[:, :W].set(tokens),
-        starts=starts.astype(jnp.int32),
-        end=jnp.asarray(W, jnp.int32),
+        tokens=jnp.zeros((B, capacity), jnp.int32).at[:, :P].set(aligned),
+        starts=starts,
+        end=width,
     )
-    return _full_logits_at(params, config, buf, W - 1, cross), buf
+    return _full_logits_at(params, config, buf, width - 1, cross), buf
 
 
 def recompute_step(params, config, buf: TokenBuffer, tokens: jax.Array, positions: jax.Array, cross=None):
@@ -267,4 +395,3 @@ def recompute_step(params, config, buf: TokenBuffer, tokens: jax.Array, position
     new = jax.lax.dynamic_update_slice(buf.tokens, tokens[:, None].astype(jnp.int32), (0, buf.end))
     buf = buf.replace(tokens=new)
     return _full_logits_at(params, config, buf, buf.end, cross), buf.replace(end=buf.end + 1)
-

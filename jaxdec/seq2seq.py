@@ -7,13 +7,13 @@ once (`cross_kv`) and carried through the scan; only the self-attention cache gr
 
 Parameters: {"embed" (shared, if share_embeddings), "encoder": {"embed"?, "pos_embed"?, "layers",
 "final_norm"?}, "decoder": {"embed"?, "pos_embed"?, "layers", "final_norm"?, "logits_bias"?,
-"head"?}}. `decoder_view` / `encoder_view` return a decoder-only-shaped dict, so every function
+"head"?}}; "layers" is one dict of [L, ...] stacked blocks, as in `model` (the decoder's also
+hold cross_norm and cross: q [L, D, N*H], kv [L, D, 2K*H], out [L, N*H, D]). `decoder_view` / `encoder_view` return a decoder-only-shaped dict, so every function
 of `model` applies to the decoder unchanged.
 """
 
 from __future__ import annotations
 
-import math
 
 import flax.struct
 import jax
@@ -26,21 +26,12 @@ from jaxdec.config import Seq2SeqConfig
 
 
 def _init_stack(key: jax.Array, config: Seq2SeqConfig, num_layers: int, cross: bool) -> dict:
-    D = config.d_model
-    out_std = config.init_std / math.sqrt(2 * num_layers)
     k_layers, k_pos = jax.random.split(key)
-    stack: dict = {"layers": []}
-    for k_attn, k_cross, k_mlp in jax.random.split(k_layers, (num_layers, 3)):
-        layer = {"attn_norm": layers.init_norm(D), "attn": layers.init_attention(k_attn, config, out_std)}
-        if cross:
-            layer |= {"cross_norm": layers.init_norm(D),
-                      "cross": layers.init_attention(k_cross, config, out_std, cross=True)}
-        layer |= {"mlp_norm": layers.init_norm(D), "mlp": layers.init_mlp(k_mlp, config, out_std)}
-        stack["layers"].append(layer)
+    stack: dict = {"layers": model.init_blocks(k_layers, config, num_layers, cross=cross)}
     if config.position == "learned":
-        stack["pos_embed"] = layers._normal(k_pos, (config.max_len, D), config.init_std / 2)
+        stack["pos_embed"] = layers._normal(k_pos, (config.max_len, config.d_model), config.init_std / 2)
     if config.norm_position == "pre":
-        stack["final_norm"] = layers.init_norm(D)
+        stack["final_norm"] = layers.init_norm(config.d_model)
     return stack
 
 
@@ -76,11 +67,11 @@ def decoder_view(params: dict) -> dict:
 
 
 def encode(params: dict, config: Seq2SeqConfig, source: jax.Array, source_lengths: jax.Array,
-           dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+           dropout_rate: float = 0.0, rng: jax.Array | None = None, return_attention: bool = False):
     """The encoder: source int32 [B, S], source_lengths int32 [B] -> encoded [B, S, D].
 
     Padding keys are masked in every layer, so outputs at real positions do not depend on what
-    the padding holds.
+    the padding holds. With return_attention, returns (encoded, probs float32 [L, B, N, S, S]).
     """
     enc = encoder_view(params)
     B, S = source.shape
@@ -89,31 +80,39 @@ def encode(params: dict, config: Seq2SeqConfig, source: jax.Array, source_length
     if dropout_rate > 0.0 and rng is not None:
         x = layers.dropout(x, dropout_rate, jax.random.fold_in(rng, 0))
     mask = padding_mask(source_lengths, S)[:, None, :]  # [B, 1, S]
-    x, _ = model.run_layers(enc, config, x, positions, mask, dropout_rate, rng)
+    x, attention = model.run_layers(enc, config, x, positions, mask, dropout_rate, rng,
+                                    return_attention=return_attention)
     if "final_norm" in enc:
         x = layers.layer_norm(enc["final_norm"], x, config.layer_norm_eps)
-    return x
+    return (x, attention["self"]) if return_attention else x
 
 
 def cross_kv(params: dict, config: Seq2SeqConfig, encoded: jax.Array, source_lengths: jax.Array) -> CrossKV:
     """Projects every decoder layer's cross-attention K/V from encoded [B, S, D], once."""
-    ks, vs = [], []
-    for p in decoder_view(params)["layers"]:
-        k, v = layers.project_kv(p["cross"], encoded, config.kv_heads)  # [B, S, K, H]
-        ks.append(jnp.swapaxes(k, 1, 2))
-        vs.append(jnp.swapaxes(v, 1, 2))
-    return CrossKV(k=jnp.stack(ks), v=jnp.stack(vs), lengths=source_lengths.astype(jnp.int32))
+    project = lambda p: layers.project_kv(p, encoded, config.kv_heads)  # noqa: E731 - one use
+    k, v = jax.vmap(project)(decoder_view(params)["layers"]["cross"])  # [L, B, S, K, H]
+    return CrossKV(k=jnp.swapaxes(k, 2, 3), v=jnp.swapaxes(v, 2, 3),
+                   lengths=source_lengths.astype(jnp.int32))
 
 
 def seq2seq_logits(params: dict, config: Seq2SeqConfig, tokens: jax.Array, lengths: jax.Array,
                    source: jax.Array, source_lengths: jax.Array, dropout_rate: float = 0.0,
-                   rng: jax.Array | None = None) -> jax.Array:
-    """Teacher forcing: decoder tokens [B, T] (e.g. [BOS] + target) -> logits float32 [B, T, V]."""
+                   rng: jax.Array | None = None, return_attention: bool = False):
+    """Teacher forcing: decoder tokens [B, T] (e.g. [BOS] + target) -> logits float32 [B, T, V].
+
+    With return_attention, returns (logits, {"self": [L,B,N,T,T], "cross": [L,B,N,T,S],
+    "encoder": [Le,B,N,S,S]}), float32 probabilities of this very pass.
+    """
     enc_rng, dec_rng = (None, None) if rng is None else jax.random.split(rng)
-    encoded = encode(params, config, source, source_lengths, dropout_rate, enc_rng)
+    encoded = encode(params, config, source, source_lengths, dropout_rate, enc_rng, return_attention)
+    encoded, enc_probs = encoded if return_attention else (encoded, None)
     cross = cross_kv(params, config, encoded, source_lengths)
-    return model.decoder_logits(decoder_view(params), config, tokens, lengths, dropout_rate, dec_rng,
-                                cross=cross)
+    out = model.decoder_logits(decoder_view(params), config, tokens, lengths, dropout_rate, dec_rng,
+                               cross=cross, return_attention=return_attention)
+    if not return_attention:
+        return out
+    logits, attention = out
+    return logits, {**attention, "encoder": enc_probs}
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -131,12 +130,13 @@ class Seq2SeqCache:
     source_lengths: jax.Array | None = None
 
 
-def prefill(params, config: Seq2SeqConfig, tokens, starts, capacity, source, source_lengths,
+def prefill(params, config: Seq2SeqConfig, tokens, lengths, capacity, source, source_lengths,
             cache_cross: bool = True):
-    """Encodes the source once, projects cross K/V once, and prefills the decoder prompts."""
+    """Encodes the source once, projects cross K/V once, and prefills the decoder prompts
+    (tokens int32 [B, P] right-padded, lengths int32 [B]) in chunks."""
     encoded = encode(params, config, source, source_lengths)
     cross = cross_kv(params, config, encoded, source_lengths)
-    logits, self_kv = model.prefill(decoder_view(params), config, tokens, starts, capacity, cross=cross)
+    logits, self_kv = model.prefill(decoder_view(params), config, tokens, lengths, capacity, cross=cross)
     if cache_cross:
         return logits, Seq2SeqCache(self_kv=self_kv, cross=cross)
     return logits, Seq2SeqCache(self_kv=self_kv, cross=None, encoded=encoded,
@@ -166,9 +166,9 @@ def _recompute_cross(params, config, state_source, source_lengths) -> CrossKV:
     return cross_kv(params, config, encode(params, config, state_source, source_lengths), source_lengths)
 
 
-def prefill_uncached(params, config, tokens, starts, capacity, source, source_lengths):
+def prefill_uncached(params, config, tokens, lengths, capacity, source, source_lengths):
     cross = _recompute_cross(params, config, source, source_lengths)
-    logits, buf = model.prefill_uncached(decoder_view(params), config, tokens, starts, capacity, cross)
+    logits, buf = model.prefill_uncached(decoder_view(params), config, tokens, lengths, capacity, cross)
     return logits, Seq2SeqBuffer(buf=buf, source=source, source_lengths=source_lengths)
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from jaxdec.attention import (
     attend,
+    attend_cache,
     causal_mask,
     combine_masks,
     decoder_self_mask,
@@ -369,3 +370,50 @@ def test_nan_in_masked_value_slots_does_not_leak():
     v_bad = jnp.where(np.asarray(mask).any(1)[:, :, None, None], v, jnp.nan)
     out = attend_jit(q, k, v_bad, mask)
     assert np.isfinite(out).all()
+
+
+# --- attend_cache: blocks of the filled cache == masked attention over all of it ---------------
+
+_attend_cache_jit = jax.jit(attend_cache, static_argnames="block_size")
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+@pytest.mark.parametrize("capacity", [13, 16])  # 13: not a multiple of any block size used
+@pytest.mark.parametrize("block_size", [3, 4, 5])
+def test_attend_cache_equals_masked_attention_over_the_whole_cache(num_kv_heads, capacity, block_size):
+    """Rows of lengths 1, block-1, block, block+1 and the full filled length, at several ends
+    and query counts: the blocked online softmax equals `attend` over all S slots with the
+    cache's mask (1e-5). Slots past the newest query hold large garbage inside its block (they
+    are masked) and NaN beyond it (those blocks are never read)."""
+    B, N, H, L = 5, 4, 8, 2
+    rng = np.random.default_rng(capacity * 10 + block_size)
+    for T, end in ((1, 6), (1, capacity - 1), (3, 7), (2, capacity - 2)):
+        lengths = np.array([1, block_size - 1, block_size, block_size + 1, end], np.int32)
+        starts = np.clip(end - lengths, 0, end).astype(np.int32)
+        k = rng.standard_normal((L, B, num_kv_heads, capacity, H)).astype(np.float32)
+        v = rng.standard_normal((L, B, num_kv_heads, capacity, H)).astype(np.float32)
+        k[:, :, :, end + T:] = 1e4  # not written yet: masked
+        v[:, :, :, end + T:] = 1e4
+        k[:, :, :, -(-(end + T) // block_size) * block_size:] = np.nan  # blocks never read
+        v[:, :, :, -(-(end + T) // block_size) * block_size:] = np.nan
+        q = rng.standard_normal((B, T, N, H)).astype(np.float32)
+        slots = np.arange(capacity)
+        mask = (slots[None, None, :] >= starts[:, None, None]) & (
+            slots[None, None, :] <= end + np.arange(T)[None, :, None])  # [B, T, S]
+        layer = 1
+        expected = naive_attend(q, np.swapaxes(np.nan_to_num(k[layer]), 1, 2),
+                                np.swapaxes(np.nan_to_num(v[layer]), 1, 2), mask)
+        assert np.all(np.isfinite(expected))
+        out = _attend_cache_jit(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(starts),
+                                jnp.asarray(end, jnp.int32), layer=jnp.asarray(layer), block_size=block_size)
+        chex.assert_shape(out, (B, T, N, H))
+        chex.assert_trees_all_close(out, expected.astype(np.float32), atol=1e-5, rtol=0)
+
+
+def test_attend_cache_row_with_no_keys_is_zero():
+    """A row whose start lies past every query slot sees nothing: zeros, not NaN."""
+    k = jnp.ones((1, 2, 1, 10, 4), jnp.float32)
+    q = jnp.ones((2, 1, 1, 4), jnp.float32)
+    out = _attend_cache_jit(q, k, k, jnp.array([0, 9], jnp.int32), jnp.asarray(5, jnp.int32), block_size=3)
+    np.testing.assert_array_equal(out[1], 0.0)
+    np.testing.assert_allclose(out[0], 1.0, atol=1e-6)

@@ -215,12 +215,6 @@ def test_decode_loop_with_fake_step(max_new, eos):
         np.testing.assert_array_equal(result.lengths, [3, 6, 2])
 
 
-def test_right_align_by_hand():
-    tokens, starts = decode.right_align(jnp.array([[1, 2, 3], [4, 9, 9]]), jnp.array([3, 1]), 5)
-    np.testing.assert_array_equal(tokens, [[0, 0, 1, 2, 3], [0, 0, 0, 0, 4]])
-    np.testing.assert_array_equal(starts, [2, 4])
-
-
 # --- samplers inside generate -----------------------------------------------------------------
 
 SAMPLERS = [Temperature(1.5), TopK(4), TopP(0.9)]

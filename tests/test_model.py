@@ -73,7 +73,7 @@ def np_decoder_logits(params, c: DecoderConfig, tokens) -> np.ndarray:
         angle = np.arange(T_)[:, None] * 10000.0 ** (-2.0 * np.arange(D // 2) / D)
         x = x + np.concatenate([np.sin(angle), np.cos(angle)], axis=-1)
     future = np.triu(np.ones((T_, T_), bool), 1)
-    for lp in p["layers"]:
+    for lp in model.unstack_blocks(p["layers"]):
         a = lp["attn"]
         h = _np_layer_norm(lp["attn_norm"], x, c.layer_norm_eps) if c.norm_position == "pre" else x
         qkv = h @ a["qkv"] + bias(a, "qkv_bias")
@@ -117,13 +117,13 @@ def test_gpt2_small_param_count():
     chex.assert_shape(shapes["embed"], (50257, 768))
     chex.assert_shape(shapes["pos_embed"], (1024, 768))
     assert "head" not in shapes  # tied
-    assert len(shapes["layers"]) == 12
-    layer = shapes["layers"][0]
-    chex.assert_shape(layer["attn"]["qkv"], (768, 3 * 768))
-    chex.assert_shape(layer["attn"]["qkv_bias"], (3 * 768,))
-    chex.assert_shape(layer["attn"]["out"], (768, 768))
-    chex.assert_shape(layer["mlp"]["w_in"], (768, 3072))
-    chex.assert_shape(layer["mlp"]["w_out"], (3072, 768))
+    layer = shapes["layers"]  # every leaf stacked over the 12 layers
+    chex.assert_shape(layer["attn"]["qkv"], (12, 768, 3 * 768))
+    chex.assert_shape(layer["attn"]["qkv_bias"], (12, 3 * 768))
+    chex.assert_shape(layer["attn"]["out"], (12, 768, 768))
+    chex.assert_shape(layer["mlp"]["w_in"], (12, 768, 3072))
+    chex.assert_shape(layer["mlp"]["w_out"], (12, 3072, 768))
+    chex.assert_shape(layer["attn_norm"]["scale"], (12, 768))
     chex.assert_shape(shapes["final_norm"]["scale"], (768,))
 
 
@@ -143,8 +143,8 @@ def test_param_layout_and_count(decoder_config):
     c = decoder_config
     shapes = _param_shapes(c)
     assert _count(shapes) == _expected_param_count(c)
-    layer = shapes["layers"][0]
-    chex.assert_shape(layer["attn"]["qkv"], (c.d_model, (c.num_heads + 2 * c.kv_heads) * c.head_dim))
+    layer = shapes["layers"]
+    chex.assert_shape(layer["attn"]["qkv"], (c.num_layers, c.d_model, (c.num_heads + 2 * c.kv_heads) * c.head_dim))
     assert ("pos_embed" in shapes) == (c.position == "learned")
     assert ("final_norm" in shapes) == (c.norm_position == "pre")
     assert ("head" in shapes) == (not c.tie_embeddings)
@@ -220,7 +220,7 @@ def test_forward_with_zero_length_rows_is_finite_in_value_and_gradient(params_fo
     grads = jax.jit(jax.grad(loss))(params)
     for g in jax.tree.leaves(grads):
         assert np.isfinite(g).all()
-    assert np.abs(grads["layers"][0]["attn"]["qkv"]).max() > 0
+    assert np.abs(grads["layers"]["attn"]["qkv"][0]).max() > 0
 
 
 class ForwardVariantsTest(chex.TestCase):
@@ -409,52 +409,57 @@ def test_check_capacity():
         kv_cache.check_capacity(8, 9)
 
 
-# --- prefill == token by token ----------------------------------------------------------------
+# --- prefill == token by token == chunked -----------------------------------------------------
 
-W, CAPACITY = 5, 8
-PROMPT_LENGTHS = np.array([5, 2, 3], np.int32)
+W, CAPACITY = 7, 10
+PROMPT_LENGTHS = np.array([5, 2, 3], np.int32)  # right-padded to W; the longest (5) sets `end`
 
 
-def _right_aligned_prompts(vocab_size):
-    """Hand-built right-aligned prompts [B, W]: example b's tokens in slots W - len_b .. W - 1."""
+def _prompts(vocab_size):
+    """Right-padded prompts [B, W] and the same right-aligned against the longest prompt."""
     prompts = _tokens(vocab_size, PROMPT_LENGTHS, W, seed=1)
+    width = int(PROMPT_LENGTHS.max())
     aligned = np.zeros_like(prompts)
     for b, n in enumerate(PROMPT_LENGTHS):
-        aligned[b, W - n :] = prompts[b, :n]
-    return prompts, aligned, (W - PROMPT_LENGTHS).astype(np.int32)
+        aligned[b, width - n : width] = prompts[b, :n]
+    return prompts, aligned, (width - PROMPT_LENGTHS).astype(np.int32)
+
+
+def test_right_align_by_hand():
+    tokens, starts = model.right_align(jnp.array([[1, 2, 3, 7], [4, 9, 9, 9]]), jnp.array([3, 1]), 3)
+    np.testing.assert_array_equal(tokens, [[1, 2, 3, 0], [0, 0, 4, 0]])
+    np.testing.assert_array_equal(starts, [0, 2])
 
 
 def test_prefill_equals_token_by_token(position_config, params_for):
     c = position_config
     params = params_for(c)
-    prompts, aligned, starts = _right_aligned_prompts(c.vocab_size)
+    prompts, aligned, starts = _prompts(c.vocab_size)
+    width = int(PROMPT_LENGTHS.max())
 
-    logits, cache = prefill_jit(params, c, jnp.asarray(aligned), jnp.asarray(starts), CAPACITY)
+    logits, cache = prefill_jit(params, c, jnp.asarray(prompts), jnp.asarray(PROMPT_LENGTHS), CAPACITY)
     chex.assert_shape(logits, (B, c.vocab_size))
     chex.assert_shape([cache.k, cache.v], (c.num_layers, B, c.kv_heads, CAPACITY, c.head_dim))
-    assert int(cache.end) == W
+    assert int(cache.end) == width
     np.testing.assert_array_equal(cache.starts, starts)
     np.testing.assert_array_equal(cache.lengths, PROMPT_LENGTHS)
 
-    # The same prompts fed one slot at a time: a 1-slot prefill, then a decode step per slot.
-    logits_1, cache_1 = prefill_jit(params, c, jnp.asarray(aligned[:, :1]), jnp.asarray(starts), CAPACITY)
-    assert int(cache_1.end) == 1
-    for slot in range(1, W):
+    # The same prompts fed one slot at a time into an empty cache, a decode step per slot.
+    cache_1 = kv_cache.init_cache(c.num_layers, B, CAPACITY, c.kv_heads, c.head_dim)
+    cache_1 = cache_1.replace(starts=jnp.asarray(starts))
+    for slot in range(width):
         logits_1, cache_1 = decode_step_jit(
             params, c, cache_1, jnp.asarray(aligned[:, slot]), jnp.asarray(slot - starts)
         )
         chex.assert_shape(logits_1, (B, c.vocab_size))
-    assert int(cache_1.end) == W
-    np.testing.assert_array_equal(cache_1.starts, starts)
+    assert int(cache_1.end) == width
 
     chex.assert_trees_all_close(logits_1, logits, atol=1e-5, rtol=0)
     for b in range(B):
-        valid = slice(starts[b], W)
+        valid = slice(starts[b], width)
         chex.assert_trees_all_close(cache_1.k[:, b, :, valid], cache.k[:, b, :, valid], atol=1e-5, rtol=0)
         chex.assert_trees_all_close(cache_1.v[:, b, :, valid], cache.v[:, b, :, valid], atol=1e-5, rtol=0)
-    for cc in (cache, cache_1):  # slots past the prompt are still unwritten
-        np.testing.assert_array_equal(cc.k[:, :, :, W:], 0.0)
-        np.testing.assert_array_equal(cc.v[:, :, :, W:], 0.0)
+    np.testing.assert_array_equal(cache.k[:, :, :, W:], 0.0)  # slots past the prompt buffer: unwritten
 
     # And both equal the independent reference at each prompt's last real token.
     for b, n in enumerate(PROMPT_LENGTHS):
@@ -462,12 +467,47 @@ def test_prefill_equals_token_by_token(position_config, params_for):
         chex.assert_trees_all_close(logits[b], expected.astype(np.float32), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 4])
+def test_chunked_prefill_equals_one_pass(chunk_size, params_for, decoder_configs):
+    """Chunks of 1..4 tokens over a width-7 buffer, the last chunk overlapping the previous one
+    when 7 % chunk != 0, give the one-pass prefill's logits and K/V (1e-5)."""
+    c = decoder_configs["rope_gqa"]
+    params = params_for(c)
+    prompts, _, starts = _prompts(c.vocab_size)
+    args = (params, c, jnp.asarray(prompts), jnp.asarray(PROMPT_LENGTHS), CAPACITY)
+    one_pass = jax.jit(model.prefill, static_argnames=("config", "capacity", "chunk_size"))
+    logits, cache = one_pass(*args, chunk_size=W)
+    logits_c, cache_c = one_pass(*args, chunk_size=chunk_size)
+    chex.assert_trees_all_close(logits_c, logits, atol=1e-5, rtol=0)
+    assert int(cache_c.end) == int(cache.end) == PROMPT_LENGTHS.max()
+    for b in range(B):
+        valid = slice(starts[b], int(PROMPT_LENGTHS.max()))
+        chex.assert_trees_all_close(cache_c.k[:, b, :, valid], cache.k[:, b, :, valid], atol=1e-5, rtol=0)
+        chex.assert_trees_all_close(cache_c.v[:, b, :, valid], cache.v[:, b, :, valid], atol=1e-5, rtol=0)
+
+
+def test_extend_chunk_equals_forward(params_for, decoder_configs):
+    """`extend` of C tokens at per-row offsets gives the teacher-forced logits of those tokens."""
+    c = decoder_configs["learned"]
+    params = params_for(c)
+    prompts, _, _ = _prompts(c.vocab_size)
+    _, cache = prefill_jit(params, c, jnp.asarray(prompts), jnp.asarray(PROMPT_LENGTHS), CAPACITY)
+    new = _tokens(c.vocab_size, PROMPT_LENGTHS, 3, seed=5)  # [B, 3] continuation of every row
+    logits, cache = jax.jit(model.extend, static_argnames="config")(params, c, cache, jnp.asarray(new))
+    chex.assert_shape(logits, (B, 3, c.vocab_size))
+    assert int(cache.end) == PROMPT_LENGTHS.max() + 3
+    for b, n in enumerate(PROMPT_LENGTHS):
+        expected = np_decoder_logits(params, c, np.concatenate([prompts[b, :n], new[b]]))[n:]
+        chex.assert_trees_all_close(logits[b], expected.astype(np.float32), atol=1e-4, rtol=1e-4)
+
+
 def test_decode_step_then_uncached_recompute_agree(params_for, base_config):
     c = base_config
     params = params_for(c)
-    _, aligned, starts = _right_aligned_prompts(c.vocab_size)
-    logits, cache = prefill_jit(params, c, jnp.asarray(aligned), jnp.asarray(starts), CAPACITY)
-    logits_u, buf = prefill_uncached_jit(params, c, jnp.asarray(aligned), jnp.asarray(starts), CAPACITY)
+    prompts, _, _ = _prompts(c.vocab_size)
+    args = (params, c, jnp.asarray(prompts), jnp.asarray(PROMPT_LENGTHS), CAPACITY)
+    logits, cache = prefill_jit(*args)
+    logits_u, buf = prefill_uncached_jit(*args)
     chex.assert_shape(buf.tokens, (B, CAPACITY))
     chex.assert_trees_all_close(logits_u, logits, atol=1e-5, rtol=0)
     nxt = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -476,5 +516,6 @@ def test_decode_step_then_uncached_recompute_agree(params_for, base_config):
     recompute_step_jit = jax.jit(model.recompute_step, static_argnames="config")
     step_logits_u, buf = recompute_step_jit(params, c, buf, nxt, positions)
     chex.assert_shape(step_logits, (B, c.vocab_size))
-    assert int(cache.end) == W + 1 and int(buf.end) == W + 1
+    width = int(PROMPT_LENGTHS.max())
+    assert int(cache.end) == width + 1 and int(buf.end) == width + 1
     chex.assert_trees_all_close(step_logits_u, step_logits, atol=1e-5, rtol=0)
