@@ -681,7 +681,9 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike) -> LoadedModel:
     model_cls = Seq2SeqConfig if "num_encoder_layers" in run["model"] else DecoderConfig
     model_config = model_cls(**_fields(model_cls, run["model"]))
     train_config = TrainConfig(**_fields(TrainConfig, run["train"]))
-    template = create_train_state(model_config, train_config, jax.random.key(train_config.seed))
+    # One compiled program builds the template (its values are ignored, its layout is used).
+    template = jax.jit(create_train_state, static_argnums=(0, 1))(model_config, train_config,
+                                                                  jax.random.key(train_config.seed))
     state, step = checkpoint.restore(checkpoint_dir, template)
     return LoadedModel(state.params, model_config, f"checkpoint {checkpoint_dir}, step {step}")
 
