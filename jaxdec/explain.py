@@ -866,8 +866,8 @@ def explain(loaded: LoadedModel, out: str | os.PathLike, *, text: str | None = N
       repeats: timings per measurement (the fastest is kept; >= 1).
     """
     params, config = loaded.params, loaded.config
-    seq2seq = isinstance(config, Seq2SeqConfig)
-    text = text if text is not None else (DEFAULT_DATES_TEXT if seq2seq else DEFAULT_LM_TEXT)
+    encoder_decoder = isinstance(config, Seq2SeqConfig)
+    text = text if text is not None else (DEFAULT_DATES_TEXT if encoder_decoder else DEFAULT_LM_TEXT)
     if not isinstance(text, str) or not text:
         raise ValueError(f"text must be a non-empty str, got {text!r}")
     for name, value, low in (("samples", samples, 2), ("repeats", repeats, 1), ("new_tokens", new_tokens, 2)):
@@ -877,8 +877,8 @@ def explain(loaded: LoadedModel, out: str | os.PathLike, *, text: str | None = N
     if config.vocab_size < VOCAB_SIZE:
         raise ValueError(f"the model's vocab_size {config.vocab_size} does not cover the byte tokenizer's "
                          f"{VOCAB_SIZE} ids")
-    length = len(TOKENIZER.encode(text)) + (0 if seq2seq else 1)
-    if seq2seq:
+    length = len(TOKENIZER.encode(text)) + (0 if encoder_decoder else 1)
+    if encoder_decoder:
         new_tokens = min(dates.TARGET_BYTES + 1, config.max_len - 1)
         if length > config.max_len:
             raise ValueError(f"text is {length} bytes, beyond the model's max_len={config.max_len}")
@@ -895,7 +895,7 @@ def explain(loaded: LoadedModel, out: str | os.PathLike, *, text: str | None = N
     out.mkdir(parents=True, exist_ok=True)
     with rc_context(_rc()):
         sections = [_mask_sections(out)]
-        if seq2seq:
+        if encoder_decoder:
             # The decode-cost run is the model's greedy translation; the heatmaps show it.
             source, prompt = TOKENIZER.encode(text), np.array([BOS_ID], np.int32)
             cost = measure_decode_cost(params, config, prompt, new_tokens, samples=samples,
@@ -905,9 +905,9 @@ def explain(loaded: LoadedModel, out: str | os.PathLike, *, text: str | None = N
             cost = measure_decode_cost(params, config, encode_sentence(text), new_tokens, samples=samples,
                                        repeats=repeats)
             sections.append(_heads_section(params, config, out, text))
-        sections.append(_cost_section(cost, out, seq2seq))
+        sections.append(_cost_section(cost, out, encoder_decoder))
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-    kind = "encoder-decoder" if seq2seq else "decoder-only"
+    kind = "encoder-decoder" if encoder_decoder else "decoder-only"
     intro = _p(html.escape(
         f"{kind} model, {n_params:,} parameters, from {loaded.description}. Config: {config}. "
         f"Written {datetime.datetime.now().isoformat(timespec='seconds')}. Generated tokens in the cost "
