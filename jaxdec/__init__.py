@@ -6,6 +6,7 @@ from jaxdec.cache import KVCache
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.decode import DecodeState, GenerateResult, generate
 from jaxdec.sampling import Greedy, Temperature, TopK, TopP
+from jaxdec.sharding import make_mesh, shard_batch, shard_params
 from jaxdec.training import TrainState, create_train_state, eval_step, train_step
 
 __all__ = [
@@ -27,5 +28,8 @@ __all__ = [
     "forward_checked",
     "generate",
     "init_params",
+    "make_mesh",
+    "shard_batch",
+    "shard_params",
     "train_step",
 ]

@@ -18,8 +18,14 @@ bytes in the checkpoint's own metadata (written inside the same atomic rename), 
 
 PRNG keys: typed keys (``jax.random.key``) are stored as their raw ``uint32`` key data and
 re-wrapped with the template's key implementation on restore; raw ``jax.random.PRNGKey``
-arrays are plain ``uint32`` arrays already. Single-process only: every leaf is copied to
-the host to be hashed.
+arrays are plain ``uint32`` arrays already.
+
+Meshes: arrays are saved shard by shard from wherever they live, and ``restore`` reads them
+into the template's shardings, so a state saved on one mesh restores onto any other (one device
+-> 8, (2,2,2) -> (8,1,1), 8 -> 1) bit-identically. With several processes every process calls
+``save`` and ``restore``; only process 0 creates and deletes directories, with barriers around
+it, and a leaf spread over processes is gathered to be hashed (the checksum is of the whole
+array, whatever the mesh).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxdec.checks import as_step
 
@@ -112,10 +119,26 @@ def _leaf_records(tree: PyTree, *, with_digest: bool) -> list[dict]:
         dtype, shape = _spec(leaf)
         record = {"path": jax.tree_util.keystr(path), "dtype": dtype, "shape": shape}
         if with_digest:
-            # np.asarray copies a device array to the host; tobytes() is C-order.
-            record["sha256"] = hashlib.sha256(np.asarray(leaf).tobytes()).hexdigest()
+            # The whole array on the host (gathered from other processes if it is spread over
+            # them), C-order bytes: the digest does not depend on the mesh.
+            record["sha256"] = hashlib.sha256(_host_array(leaf).tobytes()).hexdigest()
         records.append(record)
     return records
+
+
+def _host_array(leaf: Any) -> np.ndarray:
+    """The whole value of a leaf as a NumPy array on this host."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+
+
+def _on_primary(name: str, action) -> None:
+    """Runs `action()` on process 0 only; every process waits until it is done."""
+    if jax.process_index() == 0:
+        action()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 # ---------------------------------------------------------------------------- save
@@ -143,11 +166,14 @@ def save(directory: str | os.PathLike, state: PyTree, step: int, *, keep: int = 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
     directory = pathlib.Path(directory).absolute()  # orbax rejects relative paths
-    directory.mkdir(parents=True, exist_ok=True)
 
-    # Leftovers of saves that crashed mid-write; never restorable.
-    for tmp in directory.glob(f"*{_TMP_SUFFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    def prepare():
+        directory.mkdir(parents=True, exist_ok=True)
+        # Leftovers of saves that crashed mid-write; never restorable.
+        for tmp in directory.glob(f"*{_TMP_SUFFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    _on_primary(f"jaxdec checkpoint prepare {directory} {step}", prepare)
 
     storable = _to_storable(state)
     path = directory / str(step)
@@ -168,10 +194,14 @@ def save(directory: str | os.PathLike, state: PyTree, step: int, *, keep: int = 
             "left by the run that was resumed from an earlier step",
             stacklevel=2,
         )
+
+    def prune():
         for s in newer:
             shutil.rmtree(directory / str(s))
-    for s in all_steps(directory)[:-keep]:
-        shutil.rmtree(directory / str(s))
+        for s in all_steps(directory)[:-keep]:
+            shutil.rmtree(directory / str(s))
+
+    _on_primary(f"jaxdec checkpoint prune {directory} {step}", prune)
     return path
 
 
@@ -239,7 +269,9 @@ def restore(
     Args:
       directory: checkpoint root written by `save`.
       template: a concrete state of the same structure (e.g. freshly initialised); its values
-        are ignored, its leaves' dtypes/shapes/shardings and key implementations are used.
+        are ignored, its leaves' dtypes/shapes/shardings and key implementations are used. Its
+        shardings are the target: a template created on another mesh (`create_train_state(...,
+        mesh=)`) restores the checkpoint onto that mesh, whatever mesh saved it.
       step: restore exactly this step; None means the newest usable one.
 
     Returns:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxdec import checkpoint, report
+from jaxdec import checkpoint, report, sharding
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.data import ByteTokenizer, Corpus, dates, eval_batches, load_stdlib_corpus, load_text_corpus, sample_batch
 from jaxdec.decode import generate
@@ -49,6 +49,15 @@ class RunConfig:
       held_out_fraction: share of files (or bytes, for a single file) held out.
       eval_examples: dates task: held-out dates translated for the exact-match score (the
         final score uses 4x as many).
+      mesh: shard over a device mesh, e.g. "data=2,fsdp=2,tensor=2" (omitted axes are 1; the
+        sizes multiply to the device count); None: one device, or pure data parallelism over
+        every device when several processes run.
+      num_cpu_devices: simulate this many CPU devices (as JAX_NUM_CPU_DEVICES=8 does).
+      coordinator_address: multi-process: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).
+      num_processes: multi-process: how many processes run (or JAX_NUM_PROCESSES).
+      process_id: multi-process: this process's index (or JAX_PROCESS_ID).
+      distributed: multi-process from the cluster's own environment (SLURM, Open MPI,
+        Kubernetes, Cloud TPU): `jax.distributed.initialize()` detects the rest.
     """
 
     model: DecoderConfig
@@ -69,6 +78,12 @@ class RunConfig:
     sample_tokens: int = 160
     held_out_fraction: float = 0.05
     eval_examples: int = 512
+    mesh: str | None = None
+    num_cpu_devices: int | None = None
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +155,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
+    if cfg.mesh is not None:
+        sharding.parse_mesh(cfg.mesh)
     if isinstance(cfg.model, Seq2SeqConfig):
         if cfg.seq_len < dates.max_source_bytes():
             raise ValueError(f"seq_len {cfg.seq_len} is shorter than the longest date source "
@@ -168,11 +185,60 @@ def load_corpus(cfg: RunConfig) -> Corpus:
     return corpus
 
 
+def setup_mesh(cfg: RunConfig):
+    """Devices, processes and the mesh of a run (before any JAX work); None for one device.
+
+    Raises:
+      ValueError: a mesh that does not match the device count, or (several processes) a batch
+        size that does not split over data x fsdp, before anything is compiled.
+    """
+    sharding.init_devices(cfg.num_cpu_devices, cfg.coordinator_address, cfg.num_processes,
+                          cfg.process_id, auto_detect=cfg.distributed)
+    if cfg.mesh is None and jax.process_count() == 1:
+        return None
+    sizes = sharding.parse_mesh(cfg.mesh) if cfg.mesh is not None else {"data": jax.device_count()}
+    mesh = sharding.make_mesh(**sizes)
+    blocks = mesh.shape["data"] * mesh.shape["fsdp"]
+    if jax.process_count() > 1 and cfg.batch_size % blocks:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of data x fsdp = {blocks} "
+                         f"when {jax.process_count()} processes share each batch")
+    return mesh
+
+
+def pad_rows(batch: dict, multiple: int) -> dict:
+    """Appends rows of weight zero (lengths 0) so the batch divides into `multiple` row blocks.
+
+    The loss and metrics are sums over real targets, so they are unchanged. A padded row keeps
+    one source token (source_lengths 1) so a seq2seq encoder's attention stays defined.
+    """
+    B, T1 = np.shape(batch["tokens"])
+    extra = -B % multiple
+    if not extra:
+        return batch
+    out = {k: np.concatenate([np.asarray(v), np.zeros((extra, *np.shape(v)[1:]), np.asarray(v).dtype)])
+           for k, v in batch.items()}
+    out["lengths"] = np.concatenate([np.asarray(batch.get("lengths", np.full(B, T1))),
+                                     np.zeros(extra)]).astype(np.int32)
+    if "source_lengths" in out:
+        out["source_lengths"][B:] = 1
+    return out
+
+
+def place_batch(batch: dict, mesh) -> dict:
+    """A host batch (its global rows, a pure function of seed and step) -> this process's rows
+    placed over the mesh; unchanged without a mesh."""
+    if mesh is None:
+        return batch
+    batch = pad_rows(batch, mesh.shape["data"] * mesh.shape["fsdp"])
+    rows = sharding.process_rows(len(batch["tokens"]), mesh)
+    return sharding.shard_batch({k: np.asarray(v)[rows] for k, v in batch.items()}, mesh)
+
+
 def evaluate(state: TrainState, batches: list[dict]) -> dict:
     """Token-weighted held-out loss, bits per token and accuracy over `batches`."""
     sums = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
     for batch in batches:
-        m = eval_step(state, batch)
+        m = eval_step(state, place_batch(batch, state.mesh))
         for k in sums:
             sums[k] += float(m[k])
     loss = sums["loss_sum"] / max(sums["tokens"], 1.0)
@@ -321,16 +387,25 @@ class DatesTask:
 def run(cfg: RunConfig) -> dict:
     """Trains, evaluates, checkpoints and samples; returns the final held-out metrics."""
     validate(cfg)
+    mesh = setup_mesh(cfg)
+    primary = jax.process_index() == 0
     task = DatesTask(cfg) if isinstance(cfg.model, Seq2SeqConfig) else LMTask(cfg)
     out = pathlib.Path(cfg.runs_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if primary:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     ckpt_dir = out / "checkpoints"
-    metrics_path = out / "metrics.jsonl"
+    # Every process logs the same (replicated) metrics; each to its own file.
+    metrics_path = out / ("metrics.jsonl" if primary else f"metrics.process{jax.process_index()}.jsonl")
 
-    state = create_train_state(cfg.model, cfg.train, jax.random.key(cfg.train.seed))
+    state = create_train_state(cfg.model, cfg.train, jax.random.key(cfg.train.seed), mesh=mesh)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f"model: {n_params:,} parameters; run folder {out}")
+    if mesh is not None:
+        held = sharding.bytes_per_device((state.params, state.opt_state))
+        print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} "
+              f"process(es): params + optimizer state {max(held['per_device'].values()) / 2**20:.2f} "
+              f"MiB per device of {held['total'] / 2**20:.2f} MiB")
     start = 0
     if cfg.resume and checkpoint.latest_step(ckpt_dir) is not None:
         state, start = checkpoint.restore(ckpt_dir, state)
@@ -340,10 +415,11 @@ def run(cfg: RunConfig) -> dict:
         metrics_path.unlink()  # a fresh run starts a fresh curve
 
     log = report.MetricsLog(metrics_path)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", dynamic_ncols=True,
+               disable=not primary)
     window_start, window_tokens = time.perf_counter(), []
     for step in bar:
-        state, metrics = train_step(state, task.train_batch(step))
+        state, metrics = train_step(state, place_batch(task.train_batch(step), mesh))
         window_tokens.append(metrics["tokens"])  # a device scalar: no wait here
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -363,7 +439,8 @@ def run(cfg: RunConfig) -> dict:
     final, final_line = task.finish(state)
     log.log(cfg.steps, **final)
     log.close()
-    report.plot_loss_curve(metrics_path, out / "loss.png", title=f"jaxdec {cfg.name}")
+    if primary:
+        report.plot_loss_curve(metrics_path, out / "loss.png", title=f"jaxdec {cfg.name}")
     print(f"metrics: {metrics_path}; loss curve: {out / 'loss.png'}")
     if cfg.checkpoint_every:  # the report reads the run's config.json and newest checkpoint
         print(f"see inside: python -m jaxdec.explain --checkpoint {ckpt_dir} --out {out / 'explain'}")

@@ -2,8 +2,10 @@
 
 The model reads `tokens[:, :-1]` and is scored on `tokens[:, 1:]`, every position in parallel
 under the causal mask. A target counts iff it is a real token (index < the row's length), so
-padding has weight zero. The step is one pure function of (state, batch); it makes no
-single-device assumption, so the same step runs on arrays sharded over a mesh.
+padding has weight zero. The step is one pure function of (state, batch). On a mesh
+(`create_train_state(..., mesh=)`) the same step runs sharded: the state carries its mesh (static)
+and the step pins the batch, gradients and new state to the shardings `jaxdec.sharding` names, so
+a step returns the state with the shardings it was given.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import Mesh
+
+from jaxdec import sharding
 from jaxdec.api import apply, init_params
 from jaxdec.config import DecoderConfig, TrainConfig
 
@@ -30,6 +35,7 @@ class TrainState:
       step: int32 [], train steps taken (micro-batches, with gradient accumulation).
       key: PRNG key; dropout at step s uses fold_in(key, s), so a resumed run draws the same masks.
       model_config, train_config: static (part of the tree structure, not leaves).
+      mesh: static; the (data, fsdp, tensor) mesh the arrays are placed on, or None (one device).
     """
 
     params: dict
@@ -38,6 +44,7 @@ class TrainState:
     key: jax.Array
     model_config: DecoderConfig = flax.struct.field(pytree_node=False)
     train_config: TrainConfig = flax.struct.field(pytree_node=False)
+    mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -71,8 +78,20 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return tx
 
 
-def create_train_state(model_config: DecoderConfig, train_config: TrainConfig, key: jax.Array) -> TrainState:
-    """Initial params (from `key`), optimizer state, step 0 and the dropout key."""
+def create_train_state(model_config: DecoderConfig, train_config: TrainConfig, key: jax.Array,
+                       mesh: Mesh | None = None) -> TrainState:
+    """Initial params (from `key`), optimizer state, step 0 and the dropout key.
+
+    With a `mesh`, params and optimizer state are created already split by `jaxdec.sharding`'s
+    rules (one jit whose out_shardings are those shardings: no device ever holds the whole
+    model), and step and key are replicated. The values equal the unsharded ones.
+    """
+    if mesh is None:
+        return _init_state(model_config, train_config, None, key)
+    return _sharded_init(model_config, train_config, mesh)(key)
+
+
+def _init_state(model_config, train_config, mesh, key) -> TrainState:
     init_key, dropout_key = jax.random.split(key)
     params = init_params(model_config, init_key)
     return TrainState(
@@ -82,7 +101,16 @@ def create_train_state(model_config: DecoderConfig, train_config: TrainConfig, k
         key=dropout_key,
         model_config=model_config,
         train_config=train_config,
+        mesh=mesh,
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_init(model_config, train_config, mesh):
+    """The jitted initialiser for one (configs, mesh): compiled once, however often called."""
+    init = functools.partial(_init_state, model_config, train_config, mesh)
+    shardings = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
+    return jax.jit(init, in_shardings=sharding.replicated(mesh), out_shardings=shardings)
 
 
 def target_weights(batch: dict) -> jax.Array:
@@ -130,28 +158,46 @@ def _sums(logits, batch):
     return loss_sum, jnp.sum(weights), correct
 
 
-@functools.partial(jax.jit, donate_argnums=0)
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    """One optimizer step (or micro-step, with accumulation) of teacher forcing.
+    """One optimizer step (or micro-step, with accumulation) of teacher forcing; jit-compiled.
 
     Args:
       state: TrainState (donated: its buffers are reused for the new state).
       batch: {"tokens": int32 [B, T+1], "lengths": optional int32 [B] real tokens per row;
-        for seq2seq also "source" int32 [B, S] and "source_lengths" int32 [B]}.
+        for seq2seq also "source" int32 [B, S] and "source_lengths" int32 [B]}. On a mesh,
+        place it with `jaxdec.shard_batch` (rows over data x fsdp).
 
     Returns:
       the new state and metrics: loss (mean nats per real target), tokens (real targets),
       accuracy, grad_norm (before clipping), learning_rate, skipped (1.0 if the update was
-      dropped as non-finite).
+      dropped as non-finite). On a mesh the new state has exactly the shardings the rules give
+      (jit out_shardings), so the next step reuses the same compiled program and the donated
+      buffers; metrics are replicated.
     """
+    if state.mesh is None:
+        return _train_step_jit(state, batch)
+    # One jitted step per (mesh, configs): those fix the state's structure and its shardings.
+    cache_key = (state.mesh, state.model_config, state.train_config)
+    if cache_key not in _sharded_train_steps:
+        out_shardings = (sharding.tree_shardings(state, state.mesh), sharding.replicated(state.mesh))
+        _sharded_train_steps[cache_key] = jax.jit(_train_step, donate_argnums=0,
+                                                  out_shardings=out_shardings)
+    return _sharded_train_steps[cache_key](state, batch)
+
+
+def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     mc, tc = state.model_config, state.train_config
     dropout_rng = jax.random.fold_in(state.key, state.step) if tc.dropout > 0 else None
+    batch = sharding.constrain(batch, state.mesh, sharding.batch_axes)
 
     def loss_fn(params):
         loss_sum, count, correct = _sums(_logits(params, mc, tc, batch, dropout_rng), batch)
         return loss_sum / jnp.maximum(count, 1.0), (count, correct)
 
     (loss, (count, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Gradients take the params' shardings: under fsdp XLA reduce-scatters them instead of
+    # all-reducing whole gradients onto every device.
+    grads = sharding.constrain(grads, state.mesh)
     tx = make_optimizer(tc)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     grad_norm = optax.tree.norm(grads)
@@ -171,10 +217,15 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     return new_state, metrics
 
 
+_train_step_jit = jax.jit(_train_step, donate_argnums=0)
+_sharded_train_steps: dict = {}
+
+
 @jax.jit
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Held-out metrics without dropout: loss (nats/token), bits_per_token, accuracy, and the
     sums (loss_sum, tokens, correct) for averaging over batches of different sizes."""
+    batch = sharding.constrain(batch, state.mesh, sharding.batch_axes)
     logits = _logits(state.params, state.model_config, state.train_config, batch, None)
     loss_sum, count, correct = _sums(logits, batch)
     loss = loss_sum / jnp.maximum(count, 1.0)
