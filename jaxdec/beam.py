@@ -145,18 +145,19 @@ def _beam_search(params, config, prompts, lengths, source, source_lengths, eos_i
     state, rows, last_tokens = update(state, log_probs, 0)
     positions = jnp.repeat(lengths, W)
 
-    def run(carry, t):
-        state, rows, last_tokens = carry
+    def running(carry):
+        t, state, _, _ = carry
+        # Once every example is done its finished set is final: the loop ends.
+        return (t < N) & ~jnp.all(state.done)
+
+    def body(carry):
+        t, state, rows, last_tokens = carry
         cache = _select_rows(state.cache, rows)
         logits, cache = step(params, config, cache, last_tokens, positions + t - 1)
         log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(B, W, -1)
-        return update(state.replace(cache=cache), log_probs, t)
+        return (t + 1, *update(state.replace(cache=cache), log_probs, t))
 
-    def body(carry, t):
-        # Once every example is done its finished set is final: skip the model and the ranking.
-        return jax.lax.cond(jnp.all(carry[0].done), lambda c, t: c, run, carry, t), None
-
-    (state, _, _), _ = jax.lax.scan(body, (state, rows, last_tokens), jnp.arange(1, N))
+    _, state, _, _ = jax.lax.while_loop(running, body, (jnp.ones((), jnp.int32), state, rows, last_tokens))
     best = state.finished_tokens[:, 0]  # [B, N]
     best_len = state.finished_lengths[:, 0]
     best = jnp.where(jnp.arange(N)[None, :] < best_len[:, None], best, pad_id)

@@ -3,6 +3,8 @@
     python -m jaxdec.bench decode [--repeats 5] [--batches 1 8] [--model decoder|seq2seq]
     python -m jaxdec.bench breakdown [--batches 1 8]
     python -m jaxdec.bench train
+    python -m jaxdec.bench scaling [--quick] [--out scaling.png]   (cost vs capacity, prompt,
+        early exit and depth; writes a figure)
     python -m jaxdec.bench --single-thread decode   (XLA on one thread)
 
 Each figure is the median of `repeats` timed runs after one warm-up (compile) run; the thread
@@ -12,6 +14,7 @@ setting is reported with every line, since on a small CPU it changes the numbers
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 
 import jaxdec
 import jaxdec.cache
+import jaxdec.model
 from jaxdec.attention import attend
 
 BENCH_CONFIG = jaxdec.DecoderConfig(vocab_size=512, num_layers=4, d_model=256, num_heads=4, max_len=1024)
@@ -157,8 +161,9 @@ def bench_decode_breakdown(batches=(1, 8), prompt_len=8, new_tokens=256, repeats
             return q
 
         attention_s = _scan_seconds(attention, jnp.ones((batch, 1, config.num_heads, H)), new_tokens, repeats)
-        weights = [w for layer in params["layers"] for w in (layer["attn"]["qkv"], layer["attn"]["out"],
-                                                             layer["mlp"]["w_in"], layer["mlp"]["w_out"])]
+        stacked = params["layers"]
+        weights = [w[i] for i in range(L) for w in (stacked["attn"]["qkv"], stacked["attn"]["out"],
+                                                    stacked["mlp"]["w_in"], stacked["mlp"]["w_out"])]
         width = max(w.shape[0] for w in weights)
 
         def matmuls(h):  # h [B, width]
@@ -229,6 +234,170 @@ def bench_decode_seq2seq(batches=(1, 8), source_len=64, new_tokens=128, repeats=
     return rows
 
 
+# --- scaling: cost follows the work -------------------------------------------------------------
+
+
+def _generate_seconds(params, config, prompts, repeats: int, **kwargs) -> tuple[float, float]:
+    """(compile seconds, median run seconds) of one generate configuration."""
+    run = lambda: jaxdec.generate(params, config, prompts, **kwargs).tokens  # noqa: E731
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    first = time.perf_counter() - t0
+    median, _ = _median_seconds(run, repeats)
+    return first - median, median
+
+
+def bench_capacity(capacities=(264, 1024, 4096, 16384), batches=(1, 8), prompt_len=8, new_tokens=256,
+                   repeats=3) -> list[dict]:
+    """The same work (prompt_len + new_tokens tokens) in caches of growing capacity."""
+    config = dataclasses.replace(BENCH_CONFIG, max_len=max(capacities))
+    params = jaxdec.init_params(config, jax.random.key(0))
+    rows = []
+    for batch in batches:
+        prompts = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, config.vocab_size)
+        base = None
+        for capacity in capacities:
+            _, median = _generate_seconds(params, config, prompts, repeats, max_new_tokens=new_tokens,
+                                          capacity=capacity)
+            tok_s = batch * new_tokens / median
+            base = base or tok_s
+            rows.append({"bench": "scaling", "sweep": "capacity", "batch": batch, "capacity": capacity,
+                         "prompt": prompt_len, "new_tokens": new_tokens, "tokens_per_s": round(tok_s, 1),
+                         "slowdown_vs_first": round(base / tok_s, 2), "xla_flags": _threads()})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _prefill_temp_bytes(params, config, batch: int, prompt_len: int, capacity: int) -> int:
+    """XLA's temporary buffer bytes of the prefill program (its peak working memory beyond the
+    inputs and the returned cache), from the compiled program's memory analysis."""
+    tokens = jnp.zeros((batch, prompt_len), jnp.int32)
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    fn = jax.jit(jaxdec.model.prefill, static_argnames=("config", "capacity"))
+    compiled = fn.lower(params, config, tokens, lengths, capacity).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def bench_prompt_length(prompt_lens=(8, 64, 512, 2048, 4096), batch=1, new_tokens=256, repeats=3) -> list[dict]:
+    """Decode with capacity fitted to prompt + new tokens: per-token cost grows with the filled
+    length; prefill runs in chunks, so its working memory grows linearly with the prompt."""
+    config = dataclasses.replace(BENCH_CONFIG, max_len=max(prompt_lens) + new_tokens)
+    params = jaxdec.init_params(config, jax.random.key(0))
+    rows = []
+    for prompt_len in prompt_lens:
+        prompts = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, config.vocab_size)
+        lengths = jnp.full((batch,), prompt_len, jnp.int32)
+        prefill = jax.jit(jaxdec.model.prefill, static_argnames=("config", "capacity"))
+        run_prefill = lambda: prefill(params, config, prompts, lengths, prompt_len + new_tokens)[0]  # noqa: E731
+        jax.block_until_ready(run_prefill())
+        prefill_s, _ = _median_seconds(run_prefill, repeats)
+        _, total_s = _generate_seconds(params, config, prompts, repeats, max_new_tokens=new_tokens)
+        step_s = max(total_s - prefill_s, 1e-9) / new_tokens
+        rows.append({"bench": "scaling", "sweep": "prompt", "batch": batch, "prompt": prompt_len,
+                     "new_tokens": new_tokens, "prefill_s": round(prefill_s, 4),
+                     "prefill_temp_mib": round(_prefill_temp_bytes(params, config, batch, prompt_len,
+                                                                   prompt_len + new_tokens) / 2**20, 2),
+                     "decode_step_us": round(1e6 * step_s, 1),
+                     "decode_tokens_per_s": round(batch / step_s, 1), "xla_flags": _threads()})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_early_exit(batch=8, prompt_len=8, max_new=(16, 256), repeats=5) -> list[dict]:
+    """Every row emits eos_id at its first step: max_new_tokens=256 should cost what 16 costs."""
+    config = BENCH_CONFIG
+    params = jaxdec.init_params(config, jax.random.key(0))
+    prompt = jax.random.randint(jax.random.key(1), (1, prompt_len), 0, config.vocab_size)
+    prompts = jnp.repeat(prompt, batch, axis=0)  # equal rows: they all stop together
+    eos = int(jaxdec.generate(params, config, prompts, max_new_tokens=1).tokens[0, 0])
+    rows = []
+    for n in max_new:
+        _, median = _generate_seconds(params, config, prompts, repeats, max_new_tokens=n, eos_id=eos)
+        rows.append({"bench": "scaling", "sweep": "early_exit", "batch": batch, "max_new_tokens": n,
+                     "ms": round(1e3 * median, 2), "xla_flags": _threads()})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_depth(layer_counts=(4, 12, 24, 48), d_model=64) -> list[dict]:
+    """Compile seconds of train_step and generate as the model deepens (layers run under scan)."""
+    rows = []
+    for L in layer_counts:
+        config = jaxdec.DecoderConfig(vocab_size=512, num_layers=L, d_model=d_model, num_heads=4, max_len=512)
+        state = jaxdec.create_train_state(config, jaxdec.TrainConfig(), jax.random.key(0))
+        data = {"tokens": jax.random.randint(jax.random.key(1), (8, 129), 0, config.vocab_size)}
+        t0 = time.perf_counter()
+        state, metrics = jaxdec.train_step(state, data)
+        jax.block_until_ready(metrics)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        state, metrics = jaxdec.train_step(state, data)
+        jax.block_until_ready(metrics)
+        train_compile = first - (time.perf_counter() - t0)
+        gen_compile, _ = _generate_seconds(state.params, config, data["tokens"][:1, :8], 1, max_new_tokens=32)
+        rows.append({"bench": "scaling", "sweep": "depth", "num_layers": L, "d_model": d_model,
+                     "train_step_compile_s": round(train_compile, 2),
+                     "generate_compile_s": round(gen_compile, 2), "xla_flags": _threads()})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def plot_scaling(rows: list[dict], path: str) -> None:
+    """Four panels: tok/s vs capacity, step cost and prefill memory vs prompt, early exit,
+    compile seconds vs depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    by = lambda sweep: [r for r in rows if r["sweep"] == sweep]  # noqa: E731
+    ax = axes[0]
+    for batch in sorted({r["batch"] for r in by("capacity")}):
+        pts = [r for r in by("capacity") if r["batch"] == batch]
+        ax.plot([r["capacity"] for r in pts], [r["tokens_per_s"] for r in pts], "o-", label=f"batch {batch}")
+    ax.set(xscale="log", xlabel="cache capacity (slots)", ylabel="tokens/s",
+           title="same work (8 + 256 tokens), growing capacity")
+    ax.legend()
+    ax = axes[1]
+    pts = by("prompt")
+    ax.plot([r["prompt"] for r in pts], [r["decode_step_us"] for r in pts], "o-", label="decode step (µs)")
+    ax.set(xscale="log", xlabel="prompt length", ylabel="µs per decode step", title="cost follows the filled length")
+    twin = ax.twinx()
+    twin.plot([r["prompt"] for r in pts], [r["prefill_temp_mib"] for r in pts], "s--", color="tab:red",
+              label="prefill working memory (MiB)")
+    twin.set_ylabel("prefill working memory (MiB)")
+    ax.legend(loc="upper left")
+    twin.legend(loc="lower right")
+    ax = axes[2]
+    pts = by("early_exit")
+    ax.bar([str(r["max_new_tokens"]) for r in pts], [r["ms"] for r in pts])
+    ax.set(xlabel="max_new_tokens (every row stops at step 1)", ylabel="ms", title="early exit")
+    ax = axes[3]
+    pts = by("depth")
+    ax.plot([r["num_layers"] for r in pts], [r["train_step_compile_s"] for r in pts], "o-", label="train_step")
+    ax.plot([r["num_layers"] for r in pts], [r["generate_compile_s"] for r in pts], "s-", label="generate")
+    ax.set(xlabel="num_layers", ylabel="compile seconds", title="compile time vs depth")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench_scaling(quick: bool = False, out: str = "scaling.png") -> list[dict]:
+    """Every scaling sweep, then the figure. quick: smaller sweeps (a smoke run)."""
+    if quick:
+        rows = (bench_capacity((264, 1024), (1,), new_tokens=32, repeats=1)
+                + bench_prompt_length((8, 128), new_tokens=16, repeats=1)
+                + bench_early_exit(max_new=(4, 32), repeats=1)
+                + bench_depth((2, 4)))
+    else:
+        rows = bench_capacity() + bench_prompt_length() + bench_early_exit() + bench_depth()
+    plot_scaling(rows, out)
+    print(json.dumps({"bench": "scaling", "figure": out}), flush=True)
+    return rows
+
+
 SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -252,13 +421,18 @@ def main(argv=None) -> None:
     tr.add_argument("--seq", type=int, default=256)
     tr.add_argument("--steps", type=int, default=10)
     tr.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    sc = sub.add_parser("scaling", help="cost vs capacity, prompt length, early exit and depth")
+    sc.add_argument("--quick", action="store_true", help="small sweeps (a smoke run)")
+    sc.add_argument("--out", default="scaling.png", help="where to write the figure")
     args = parser.parse_args(argv)
     if args.single_thread and SINGLE_THREAD_FLAGS not in os.environ.get("XLA_FLAGS", ""):
         # XLA reads its flags once, when the backend starts: rerun this command with them set.
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_FLAGS}".strip()}
         args_list = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "jaxdec.bench", *args_list], env)
-    if args.what == "breakdown":
+    if args.what == "scaling":
+        bench_scaling(args.quick, args.out)
+    elif args.what == "breakdown":
         bench_decode_breakdown(tuple(args.batches), repeats=args.repeats)
     elif args.what == "train":
         bench_train(args.batch, args.seq, args.steps, args.dtype)

@@ -26,7 +26,7 @@ from jaxdec.sampling import Greedy, Sampler, Temperature, TopK, TopP
 
 @flax.struct.dataclass
 class DecodeState:
-    """Loop carry of the decode scan.
+    """Loop carry of the decode loop.
 
     Attributes:
       cache: the step function's state (KVCache, token buffer, ...).
@@ -35,6 +35,9 @@ class DecodeState:
       done: bool [B], the example has emitted eos_id.
       lengths: int32 [B], tokens generated so far, the eos included.
       key: PRNG key for the next sample.
+      step: int32 [], index of the next token to sample (1 .. max_new_tokens - 1).
+      out_tokens: int32 [B, max_new_tokens], the tokens so far (pad_id beyond).
+      out_logits: float32 [B, max_new_tokens, V] of each sampled token (zeros beyond), or None.
     """
 
     cache: Any
@@ -43,6 +46,9 @@ class DecodeState:
     done: jax.Array
     lengths: jax.Array
     key: jax.Array
+    step: jax.Array
+    out_tokens: jax.Array
+    out_logits: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -75,10 +81,12 @@ def decode_loop(
     return_logits: bool = False,
     cache_cross: bool = True,
 ) -> GenerateResult:
-    """Samples max_new_tokens tokens per example with one `lax.scan`.
+    """Samples max_new_tokens tokens per example in one `lax.while_loop`.
 
-    Once every example has emitted eos_id, the remaining steps skip the model (`lax.cond`):
-    the outputs keep their fixed shapes and the program its single compilation.
+    The loop ends after max_new_tokens - 1 steps or as soon as every example has emitted
+    eos_id, so steps after the last row stops cost nothing, while the outputs keep their fixed
+    shapes and the program its single compilation. (A `lax.cond` skipping the model inside a
+    scan would copy the whole carried cache every step on CPU.)
 
     Args:
       step_fn: (params, cache, tokens [B], positions [B]) -> (logits [B, V], cache).
@@ -88,6 +96,11 @@ def decode_loop(
     """
     key, sub = jax.random.split(key)
     first = sampler(first_logits, sub)
+    B = first.shape[0]
+    out_logits = None
+    if return_logits:
+        out_logits = jnp.zeros((B, max_new_tokens, first_logits.shape[-1]), jnp.float32)
+        out_logits = out_logits.at[:, 0].set(first_logits)
     state = DecodeState(
         cache=cache,
         tokens=first,
@@ -95,35 +108,35 @@ def decode_loop(
         done=first == eos_id,
         lengths=jnp.ones_like(first),
         key=key,
+        step=jnp.ones((), jnp.int32),
+        out_tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first),
+        out_logits=out_logits,
     )
 
-    def run(state: DecodeState):
+    def running(state: DecodeState):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+    def body(state: DecodeState) -> DecodeState:
         logits, cache = step_fn(params, state.cache, state.tokens, state.positions)
         key, sub = jax.random.split(state.key)
         token = jnp.where(state.done, pad_id, sampler(logits, sub))
-        new = DecodeState(
+        out_logits = state.out_logits
+        if return_logits:
+            out_logits = jax.lax.dynamic_update_slice_in_dim(out_logits, logits[:, None], state.step, axis=1)
+        return DecodeState(
             cache=cache,
             tokens=token,
             positions=state.positions + 1,
             done=state.done | (token == eos_id),
             lengths=state.lengths + (~state.done).astype(jnp.int32),
             key=key,
+            step=state.step + 1,
+            out_tokens=jax.lax.dynamic_update_slice_in_dim(state.out_tokens, token[:, None], state.step, axis=1),
+            out_logits=out_logits,
         )
-        return new, (token, logits if return_logits else None)
 
-    def skip(state: DecodeState):
-        # Every row has emitted eos: the rest of the scan costs next to nothing.
-        logits = jnp.zeros_like(first_logits) if return_logits else None
-        return state, (jnp.full_like(state.tokens, pad_id), logits)
-
-    def body(state: DecodeState, _):
-        return jax.lax.cond(jnp.all(state.done), skip, run, state)
-
-    final, (tokens, logits) = jax.lax.scan(body, state, length=max_new_tokens - 1)
-    tokens = jnp.concatenate([first[:, None], tokens.T], axis=1)  # [B, max_new_tokens]
-    if return_logits:
-        logits = jnp.concatenate([first_logits[:, None], jnp.swapaxes(logits, 0, 1)], axis=1)
-    return GenerateResult(tokens=tokens, lengths=final.lengths, logits=logits)
+    final = jax.lax.while_loop(running, body, state)
+    return GenerateResult(tokens=final.out_tokens, lengths=final.lengths, logits=final.out_logits)
 
 
 def _prefill_and_step(params, config, tokens, lengths, capacity, source, source_lengths,

@@ -27,10 +27,12 @@ from jaxdec.attention import attend, attend_cache, causal_mask, combine_masks, d
 from jaxdec.cache import CrossKV, KVCache
 from jaxdec.config import DecoderConfig
 
-# Key slots per attention block of a cached step, and query rows per prefill chunk. A cache of
-# at most BLOCK_SIZE slots is read in one pass; longer ones in blocks up to the newest key.
+# Key slots per attention block of a cached step: a cache of at most BLOCK_SIZE slots is read in
+# one pass, a longer one block by block up to the newest key. Query rows per prefill chunk: the
+# prompt buffer is as wide as capacity - max_new_tokens, so a short prompt in a long buffer
+# still runs one whole chunk; 64 rows keep that waste small and the matmuls efficient.
 BLOCK_SIZE = 512
-CHUNK_SIZE = 512
+CHUNK_SIZE = 64
 
 # --- parameters -------------------------------------------------------------------------------
 
