@@ -109,9 +109,9 @@ def drawable(text: str) -> str:
 
 def _rc() -> dict:
     # The minus sign U+2212 is not in NanumGothic: tick labels use the ASCII hyphen instead.
-    # Log-axis labels are mathtext: draw it with DejaVu, which has every glyph it needs.
-    return {"font.family": [FONT_FAMILY, "DejaVu Sans"], "axes.unicode_minus": False,
-            "mathtext.fontset": "dejavusans", "font.size": 9}
+    # No axis is logarithmic: log-axis labels are mathtext, whose \mathdefault font is this
+    # family again, so their minus signs would be drawn as boxes.
+    return {"font.family": [FONT_FAMILY, "DejaVu Sans"], "axes.unicode_minus": False, "font.size": 9}
 
 
 def _figure(width: float, height: float):
@@ -586,13 +586,10 @@ def cost_summary(cost: DecodeCost) -> list[tuple[str, str, str, str]]:
 
 def plot_cost(cost: DecodeCost, path: pathlib.Path) -> pathlib.Path:
     """Query rows, FLOPs and time per step, their cumulative sums and the totals."""
-    from matplotlib.ticker import FuncFormatter
-
     fig = _figure(13, 7.4)
     axes = fig.subplots(2, 3, gridspec_kw={"hspace": 0.45, "wspace": 0.3})
     steps = cost.steps
     width = 0.4
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
 
     ax = axes[0, 0]
     ax.bar(steps - width / 2, cost.uncached_rows, width, color=UNCACHED_COLOR, label="uncached: whole prefix")
@@ -603,10 +600,9 @@ def plot_cost(cost: DecodeCost, path: pathlib.Path) -> pathlib.Path:
     ax = axes[0, 1]
     ax.plot(steps, cost.uncached_flops / 1e6, "o-", ms=2.5, color=UNCACHED_COLOR, label="uncached")
     ax.plot(steps, cost.cached_flops / 1e6, "o-", ms=2.5, color=CACHED_COLOR, label="cached")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(plain)
+    ax.set_ylim(bottom=0)
     ax.set_title("FLOPs per step (counted from the config)")
-    ax.set_ylabel("MFLOP (log scale)")
+    ax.set_ylabel("MFLOP")
 
     ax = axes[0, 2]
     if not cost.uncached_exact:

@@ -80,7 +80,14 @@ def _pngs_in(html: str, out: pathlib.Path) -> set[str]:
     return {p.name for p in out.glob("*.png") if base64.b64encode(p.read_bytes()).decode() in html}
 
 
-def test_report_end_to_end_on_a_tiny_random_decoder(tmp_path, capsys):
+def _no_missing_glyphs(caplog) -> None:
+    """matplotlib logs (mathtext) or warns (text) when a font has no glyph: a tofu box."""
+    assert not [r.getMessage() for r in caplog.records if "glyph" in r.getMessage().lower()]
+
+
+# matplotlib warns "Glyph ... missing from font(s)" where it would draw a tofu box.
+@pytest.mark.filterwarnings("error:.*[Gg]lyph.*missing")
+def test_report_end_to_end_on_a_tiny_random_decoder(tmp_path, capsys, caplog):
     out = tmp_path / "report"
     path = explain.main(["--out", str(out), "--new-tokens", "3", "--samples", "2", "--repeats", "1"])
     assert path == out / "report.html"
@@ -95,9 +102,11 @@ def test_report_end_to_end_on_a_tiny_random_decoder(tmp_path, capsys):
     assert "<img" in html and 'src="http' not in html
     assert "나는 학교에 간다" in html
     assert f"report: {path}" in capsys.readouterr().out
+    _no_missing_glyphs(caplog)
 
 
-def test_report_end_to_end_on_a_tiny_random_encoder_decoder(tmp_path):
+@pytest.mark.filterwarnings("error:.*[Gg]lyph.*missing")
+def test_report_end_to_end_on_a_tiny_random_encoder_decoder(tmp_path, caplog):
     out = tmp_path / "dates"
     path = explain.main(["--task", "dates", "--out", str(out), "--samples", "2", "--repeats", "1"])
     c = explain.RANDOM_MODELS["dates"]
@@ -109,6 +118,7 @@ def test_report_end_to_end_on_a_tiny_random_encoder_decoder(tmp_path):
     html = path.read_text(encoding="utf-8")
     assert _pngs_in(html, out) == expected
     assert explain.DEFAULT_DATES_TEXT in html
+    _no_missing_glyphs(caplog)
 
 
 def test_a_train_py_run_loads_from_its_checkpoint(tmp_path):
