@@ -357,3 +357,130 @@ def test_longest_allowed_generation_passes_validation(params_for, base_config, m
     )
     with pytest.raises(ValueError, match="max_len"):
         jaxdec.generate(params_for(base_config), base_config, PROMPTS, max_new_tokens=29)
+
+
+# --- cost follows the work: blocked attention, early exit, scanned layers ----------------------
+
+# Its own config (max_len 41, used nowhere else), so the tiny block size below is traced into
+# fresh programs and never reaches a program another test compiled with the default block.
+BLOCKED = DecoderConfig(vocab_size=37, num_layers=2, d_model=32, num_heads=4, max_len=41, init_std=0.4,
+                        position="rope", num_kv_heads=2)
+BLOCK = 4
+# Rows of lengths 1, block - 1, block, block + 1 and the full prompt width 9.
+BLOCK_PROMPTS = np.random.default_rng(7).integers(0, 37, (5, 9)).astype(np.int32)
+BLOCK_LENGTHS = np.array([1, BLOCK - 1, BLOCK, BLOCK + 1, 9], np.int32)
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    """Attention blocks of 4 slots and prefill chunks of 3 rows: every loop runs many times."""
+    from jaxdec import model
+
+    monkeypatch.setattr(model, "BLOCK_SIZE", BLOCK)
+    monkeypatch.setattr(model, "CHUNK_SIZE", 3)
+
+
+@pytest.mark.parametrize("capacity", [19, 27])  # 19: not a multiple of the block size
+def test_blocked_decode_equals_full_forward(capacity, tiny_blocks):
+    """Greedy decoding through 4-slot attention blocks and 3-row prefill chunks, in caches
+    larger than the work: tokens are the argmax of logits that equal one teacher-forced pass
+    over prompt + output (1e-5), for rows of lengths 1, block - 1, block, block + 1 and full."""
+    params = jaxdec.init_params(BLOCKED, jax.random.key(1))
+    new = 10
+    result = jaxdec.generate(params, BLOCKED, BLOCK_PROMPTS, BLOCK_LENGTHS, max_new_tokens=new,
+                             capacity=capacity, return_logits=True)
+    np.testing.assert_array_equal(result.tokens, np.argmax(result.logits, -1))
+    seqs = np.zeros((5, 9 + new - 1), np.int32)
+    for b, n in enumerate(BLOCK_LENGTHS):
+        seqs[b, : n + new - 1] = np.concatenate([BLOCK_PROMPTS[b, :n], np.asarray(result.tokens)[b, :-1]])
+    full = api.forward(params, BLOCKED, seqs, BLOCK_LENGTHS + new - 1)
+    for b, n in enumerate(BLOCK_LENGTHS):
+        chex.assert_trees_all_close(result.logits[b], full[b, n - 1 : n - 1 + new], atol=1e-5, rtol=0)
+    assert len({tuple(r) for r in np.asarray(result.tokens)}) > 1, "degenerate outputs"
+
+
+def test_blocked_beam_search_equals_single_block(tiny_blocks):
+    """Beam search reorders only the filled cache blocks: the same beams and scores as the
+    single-pass path (a cache no larger than one block)."""
+    params = jaxdec.init_params(BLOCKED, jax.random.key(1))
+    kw = dict(beam_size=3, max_new_tokens=6)
+    blocked, s_blocked = jaxdec.beam_search(params, BLOCKED, BLOCK_PROMPTS, BLOCK_LENGTHS, capacity=23, **kw)
+    from jaxdec import model
+
+    model.BLOCK_SIZE = 10**6  # restored by the fixture's monkeypatch
+    single, s_single = jaxdec.beam_search(params, BLOCKED, BLOCK_PROMPTS, BLOCK_LENGTHS, capacity=24, **kw)
+    np.testing.assert_array_equal(blocked.tokens, single.tokens)
+    np.testing.assert_array_equal(blocked.lengths, single.lengths)
+    chex.assert_trees_all_close(s_blocked, s_single, atol=1e-5, rtol=0)
+
+
+def test_early_exit_changes_no_token_length_or_logit(params_for, base_config):
+    """With every row stopped early, the loop ends; the result equals the free run's up to each
+    row's eos, pads after it, and its logits are zeros only at steps after the last row stopped."""
+    params = params_for(base_config)
+    free = gen(params, base_config, max_new_tokens=12)
+    eos = int(free.tokens[0, 1])
+    stopped = gen(params, base_config, max_new_tokens=12, eos_id=eos)
+    stops = []
+    for b in range(B):
+        row = np.asarray(free.tokens[b])
+        stop = int(np.flatnonzero(row == eos)[0]) + 1 if (row == eos).any() else 12
+        stops.append(stop)
+        assert int(stopped.lengths[b]) == stop
+        np.testing.assert_array_equal(stopped.tokens[b, :stop], free.tokens[b, :stop])
+        np.testing.assert_array_equal(stopped.tokens[b, stop:], 0)
+        chex.assert_trees_all_close(stopped.logits[b, :stop], free.logits[b, :stop], atol=1e-6, rtol=0)
+    last = max(stops)
+    np.testing.assert_array_equal(stopped.logits[:, last:], 0.0)
+
+
+def test_early_exit_loop_stops_running_the_model():
+    """The decode loop calls the step function only while a row is running (a host callback
+    counts the calls), not max_new_tokens - 1 times."""
+    calls = []
+
+    def step(params, cache, tokens, positions):
+        jax.debug.callback(lambda: calls.append(1))
+        return jax.nn.one_hot(jnp.full_like(tokens, 3), 5) * 5.0, cache
+
+    result = jax.jit(lambda: decode.decode_loop(
+        step, None, jnp.int32(0), jax.nn.one_hot(jnp.array([1, 2]), 5) * 5.0, jnp.array([1, 1]),
+        sampler=Greedy(), key=jax.random.key(0), max_new_tokens=50, eos_id=jnp.int32(3),
+        pad_id=jnp.int32(0)))()
+    jax.block_until_ready(result.tokens)
+    np.testing.assert_array_equal(result.tokens[:, :3], [[1, 3, 0], [2, 3, 0]])
+    np.testing.assert_array_equal(result.lengths, [2, 2])
+    assert len(calls) == 1  # one step sampled eos for both rows; 48 more were skipped
+
+
+def test_scanned_layers_equal_unrolled_loss_gradients_and_tokens(params_for, decoder_configs):
+    """The layer scan against the same blocks unrolled in Python (each layer's slice of the
+    stacked params run alone, one after another): equal loss, gradients (1e-6) and tokens."""
+    from jaxdec import model
+    from jaxdec.attention import decoder_self_mask
+
+    c = decoder_configs["rope_gqa"]
+    params = params_for(c)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, c.vocab_size, (2, 9)), jnp.int32)
+    lengths = jnp.array([9, 6], jnp.int32)
+
+    def unrolled_logits(p):
+        T = tokens.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+        x = model.embed_inputs(p, c, tokens, positions)
+        for i in range(c.num_layers):
+            one = {**p, "layers": jax.tree.map(lambda a: a[i : i + 1], p["layers"])}
+            x, _ = model.run_layers(one, c, x, positions, decoder_self_mask(lengths, T))
+        return model.output_logits(p, c, x)
+
+    def loss(logits):
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+    scanned = lambda p: loss(model.decoder_logits(p, c, tokens, lengths))  # noqa: E731
+    l_s, g_s = jax.jit(jax.value_and_grad(scanned))(params)
+    l_u, g_u = jax.jit(jax.value_and_grad(lambda p: loss(unrolled_logits(p))))(params)
+    chex.assert_trees_all_close(l_s, l_u, atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(g_s, g_u, atol=1e-6, rtol=0)
+    assert float(jnp.abs(g_s["layers"]["attn"]["qkv"][1]).max()) > 0
+    np.testing.assert_array_equal(jnp.argmax(model.decoder_logits(params, c, tokens, lengths), -1),
+                                  jnp.argmax(unrolled_logits(params), -1))
