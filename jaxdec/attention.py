@@ -186,43 +186,43 @@ def attend_cache(
       [B, T, N, H] in q's dtype. Slots beyond end + T - 1 are never read into the output.
     """
     B, T, N, H = q.shape
-    _, _, K, S, _ = k.shape
+    _, _, K, capacity, _ = k.shape
     if N % K:
         raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
     G = N // K
     query_slots = end + jnp.arange(T)  # [T]
-    if S <= block_size:
+    if capacity <= block_size:
         # One block: the plain masked attention, no loop (as fast as before for small caches).
         k_l = jax.lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)  # [B, K, S, H]
         v_l = jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
-        mask = key_range_mask(starts, jnp.full_like(starts, S), S)[:, None, :]  # [B, 1, S]
-        mask = mask & (jnp.arange(S)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
+        mask = key_range_mask(starts, jnp.full_like(starts, capacity), capacity)[:, None, :]  # [B, 1, S]
+        mask = mask & (jnp.arange(capacity)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
         return attend(q, k_l, v_l, mask, heads_first=True, zero_unseen_values=False)
 
-    C = block_size
+    S = block_size  # the key slots of one block: the S of the einsums below
     qg = (q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, q.dtype))  # [B, T, K, G, H]
-    first = jnp.min(starts) // C
-    last = (end + T - 1) // C  # the block of the last query, inclusive
+    first = jnp.min(starts) // S
+    last = (end + T - 1) // S  # the block of the last query, inclusive
 
     def block(j, carry):
         row_max, row_sum, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
         # The last block may stick out of the cache: read it shifted back, and mask the slots
         # that belong to the previous block so that none is counted twice.
-        lo = j * C
-        s0 = jnp.minimum(lo, S - C)
-        k_b = jax.lax.dynamic_slice(k, (layer, 0, 0, s0, 0), (1, B, K, C, H))[0]  # [B, K, C, H]
-        v_b = jax.lax.dynamic_slice(v, (layer, 0, 0, s0, 0), (1, B, K, C, H))[0]
-        slots = s0 + jnp.arange(C)  # [C]
+        lo = j * S
+        s0 = jnp.minimum(lo, capacity - S)
+        k_b = jax.lax.dynamic_slice(k, (layer, 0, 0, s0, 0), (1, B, K, S, H))[0]  # [B, K, S, H]
+        v_b = jax.lax.dynamic_slice(v, (layer, 0, 0, s0, 0), (1, B, K, S, H))[0]
+        slots = s0 + jnp.arange(S)  # [S]
         allowed = ((slots[None, None, :] >= jnp.maximum(lo, starts)[:, None, None])
-                   & (slots[None, None, :] <= query_slots[None, :, None]))  # [B, T, C]
-        scores = jnp.einsum("BTKGH,BKCH->BKGTC", qg, k_b).astype(jnp.float32)
+                   & (slots[None, None, :] <= query_slots[None, :, None]))  # [B, T, S]
+        scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k_b).astype(jnp.float32)
         scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1))
         shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # no -inf - -inf
         probs = jnp.exp(scores - shift[..., None])  # 0 at masked slots
         rescale = jnp.exp(row_max - shift)  # 0 while nothing was seen
         row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
-        acc = acc * rescale[..., None] + jnp.einsum("BKGTC,BKCH->BKGTH", probs.astype(v.dtype), v_b)
+        acc = acc * rescale[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v_b)
         return new_max, row_sum, acc
 
     init = (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),

@@ -100,21 +100,19 @@ def select_rows(cache: KVCache, rows: jax.Array, block_size: int) -> KVCache:
     starts = cache.starts[rows]
     if S <= block_size:
         return cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], starts=starts)
-    C = block_size
-
     def block(j, kv):
         # The last block may stick out of the cache: read it shifted back and leave the slots
         # of the previous block (already reordered) as they are.
-        s0 = jnp.minimum(j * C, S - C)
-        fresh = (s0 + jnp.arange(C) >= j * C)[None, None, None, :, None]  # [1, 1, 1, C, 1]
+        s0 = jnp.minimum(j * block_size, S - block_size)
+        fresh = (s0 + jnp.arange(block_size) >= j * block_size)[None, None, None, :, None]
 
         def reorder(a):
-            b = jax.lax.dynamic_slice(a, (0, 0, 0, s0, 0), (L, a.shape[1], K, C, H))
+            b = jax.lax.dynamic_slice(a, (0, 0, 0, s0, 0), (L, a.shape[1], K, block_size, H))
             return jax.lax.dynamic_update_slice(a, jnp.where(fresh, b[:, rows], b), (0, 0, 0, s0, 0))
 
         return tuple(map(reorder, kv))
 
-    first, last = jnp.min(cache.starts) // C, (cache.end - 1) // C
+    first, last = jnp.min(cache.starts) // block_size, (cache.end - 1) // block_size
     k, v = jax.lax.fori_loop(first, last + 1, block, (cache.k, cache.v))
     return cache.replace(k=k, v=v, starts=starts)
 
