@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxdec import api, model, seq2seq
+from jaxdec import api, model, seq2seq, sharding
 from jaxdec import cache as kv_cache
 from jaxdec.cache import KVCache
 from jaxdec.decode import GenerateResult, _prefill_and_step, prepare_inputs
@@ -121,15 +121,18 @@ def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, 
 @functools.partial(
     jax.jit,
     static_argnames=("config", "beam_size", "max_new_tokens", "capacity", "length_penalty",
-                     "early_stopping"),
+                     "early_stopping", "mesh"),
 )
 def _beam_search(params, config, prompts, lengths, source, source_lengths, eos_id, pad_id, *,
-                 beam_size, max_new_tokens, capacity, length_penalty, early_stopping):
+                 beam_size, max_new_tokens, capacity, length_penalty, early_stopping, mesh=None):
     B, W, N = prompts.shape[0], beam_size, max_new_tokens
+    params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
+        mesh, params, (prompts, lengths, source, source_lengths))
     logits, cache, step = _prefill_and_step(params, config, prompts, lengths, capacity, source,
                                             source_lengths, use_cache=True, cache_cross=True)
+    step = sharding.sharded_step(step, mesh)
     state = BeamState(
-        cache=_repeat_rows(cache, W),
+        cache=sharding.constrain_caches(_repeat_rows(cache, W), mesh),
         running_tokens=jnp.full((B, W, N), pad_id, jnp.int32),
         # Only beam 0 is live at first, so the W beams do not start as W copies.
         running_scores=jnp.tile(jnp.array([0.0] + [NEG_INF] * (W - 1), jnp.float32), (B, 1)),
@@ -179,13 +182,14 @@ def beam_search(
     eos_id: int | None = None,
     pad_id: int = 0,
     capacity: int | None = None,
+    mesh=None,
 ) -> tuple[GenerateResult, jax.Array]:
     """The best of `beam_size` beams per example, as Hugging Face's num_beams search.
 
     Args: as `generate` (prompts int32 [B, P], prompt_lengths, source/source_lengths for a
       Seq2SeqConfig), plus beam_size W >= 1, length_penalty (exponent of the length in the score
       normalisation; > 0 favours longer outputs), early_stopping (stop an example as soon as W
-      hypotheses have finished).
+      hypotheses have finished), mesh (as `generate`: the placed params' mesh, or None).
 
     Returns:
       GenerateResult(tokens int32 [B, max_new_tokens] (pad_id after the hypothesis), lengths
@@ -202,4 +206,5 @@ def beam_search(
         params, config, inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths,
         inputs.eos_id, inputs.pad_id, beam_size=beam_size, max_new_tokens=max_new_tokens,
         capacity=capacity, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
+        mesh=mesh,
     )

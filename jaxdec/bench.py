@@ -2,7 +2,7 @@
 
     python -m jaxdec.bench decode [--repeats 5] [--batches 1 8] [--model decoder|seq2seq]
     python -m jaxdec.bench breakdown [--batches 1 8]
-    python -m jaxdec.bench train
+    python -m jaxdec.bench train [--mesh data=8 fsdp=8 data=2,fsdp=2,tensor=2]   (JAX_NUM_CPU_DEVICES=8)
     python -m jaxdec.bench scaling [--quick] [--out scaling.png]   (cost vs capacity, prompt,
         early exit and depth; writes a figure)
     python -m jaxdec.bench --single-thread decode   (XLA on one thread)
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import jaxdec
 import jaxdec.cache
 import jaxdec.model
+from jaxdec import sharding
 from jaxdec.attention import attend
 
 BENCH_CONFIG = jaxdec.DecoderConfig(vocab_size=512, num_layers=4, d_model=256, num_heads=4, max_len=1024)
@@ -97,12 +98,17 @@ def train_flops_per_step(config: jaxdec.DecoderConfig, batch: int, seq: int) -> 
     return 3 * batch * seq * (per_token + attention)
 
 
-def bench_train(batch: int = 16, seq: int = 256, steps: int = 10, dtype: str = "float32") -> dict:
+def bench_train(batch: int = 16, seq: int = 256, steps: int = 10, dtype: str = "float32",
+                mesh: str | None = None) -> dict:
+    """Train-step tokens/s; with `mesh` ("data=2,fsdp=2,tensor=2") sharded over it, plus the
+    parameter and optimizer bytes each device holds (simulated CPU devices share the same cores:
+    their tokens/s shows the partitioning's overhead, never a speedup)."""
     config = BENCH_CONFIG
     tc = jaxdec.TrainConfig(dtype=dtype)
-    state = jaxdec.create_train_state(config, tc, jax.random.key(0))
+    device_mesh = None if mesh is None else jaxdec.make_mesh(**sharding.parse_mesh(mesh))
+    state = jaxdec.create_train_state(config, tc, jax.random.key(0), mesh=device_mesh)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
-    data = {"tokens": tokens}
+    data = {"tokens": tokens} if device_mesh is None else jaxdec.shard_batch({"tokens": tokens}, device_mesh)
     t0 = time.perf_counter()
     state, metrics = jaxdec.train_step(state, data)
     jax.block_until_ready(metrics)
@@ -124,6 +130,13 @@ def bench_train(batch: int = 16, seq: int = 256, steps: int = 10, dtype: str = "
         "fraction_of_peak": round(flops / peak, 3), "compile_s": round(compile_s, 2),
         "xla_flags": _threads(),
     }
+    if device_mesh is not None:
+        params, opt = (sharding.bytes_per_device(t) for t in (state.params, state.opt_state))
+        row |= {"mesh": dict(device_mesh.shape), "devices": jax.device_count(),
+                "param_bytes_total": params["total"],
+                "param_bytes_per_device": max(params["per_device"].values()),
+                "optimizer_bytes_total": opt["total"],
+                "optimizer_bytes_per_device": max(opt["per_device"].values())}
     print(json.dumps(row), flush=True)
     return row
 
@@ -421,6 +434,9 @@ def main(argv=None) -> None:
     tr.add_argument("--seq", type=int, default=256)
     tr.add_argument("--steps", type=int, default=10)
     tr.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    tr.add_argument("--mesh", nargs="+", default=[None],
+                    help="one row per mesh, e.g. data=8 fsdp=8 data=2,fsdp=2,tensor=2 (set "
+                         "JAX_NUM_CPU_DEVICES=8 to simulate 8 CPU devices)")
     sc = sub.add_parser("scaling", help="cost vs capacity, prompt length, early exit and depth")
     sc.add_argument("--quick", action="store_true", help="small sweeps (a smoke run)")
     sc.add_argument("--out", default="scaling.png", help="where to write the figure")
@@ -435,7 +451,8 @@ def main(argv=None) -> None:
     elif args.what == "breakdown":
         bench_decode_breakdown(tuple(args.batches), repeats=args.repeats)
     elif args.what == "train":
-        bench_train(args.batch, args.seq, args.steps, args.dtype)
+        for mesh in args.mesh:
+            bench_train(args.batch, args.seq, args.steps, args.dtype, mesh)
     elif args.what == "decode" and args.model == "seq2seq":
         bench_decode_seq2seq(tuple(args.batches), new_tokens=min(args.new_tokens, 128),
                              repeats=args.repeats, uncached=not args.no_uncached)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import cache as kv_cache
-from jaxdec import api, checks, model, seq2seq
+from jaxdec import api, checks, model, seq2seq, sharding
 from jaxdec.config import DecoderConfig, Seq2SeqConfig
 from jaxdec.sampling import Greedy, Sampler, Temperature, TopK, TopP
 
@@ -160,15 +160,18 @@ def _prefill_and_step(params, config, tokens, lengths, capacity, source, source_
 @functools.partial(
     jax.jit,
     static_argnames=("config", "sampler", "max_new_tokens", "capacity", "use_cache", "cache_cross",
-                     "return_logits"),
+                     "return_logits", "mesh"),
 )
 def _generate(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id, *,
-              sampler, max_new_tokens, capacity, use_cache, cache_cross, return_logits):
+              sampler, max_new_tokens, capacity, use_cache, cache_cross, return_logits, mesh=None):
+    params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
+        mesh, params, (prompts, lengths, source, source_lengths))
     logits, state, step = _prefill_and_step(params, config, prompts, lengths, capacity, source,
                                             source_lengths, use_cache, cache_cross)
+    step = sharding.sharded_step(step, mesh)
     return decode_loop(
         lambda p, c, t, pos: step(p, config, c, t, pos),
-        params, state, logits, lengths, sampler=sampler, key=key, max_new_tokens=max_new_tokens,
+        params, sharding.constrain_caches(state, mesh), logits, lengths, sampler=sampler, key=key, max_new_tokens=max_new_tokens,
         eos_id=eos_id, pad_id=pad_id, return_logits=return_logits,
     )
 
@@ -283,6 +286,7 @@ def generate(
     capacity: int | None = None,
     return_logits: bool = False,
     cache_cross: bool = True,
+    mesh=None,
 ) -> GenerateResult:
     """Generates max_new_tokens tokens after each prompt.
 
@@ -302,6 +306,9 @@ def generate(
       return_logits: also return the float32 [B, max_new_tokens, V] logits of every step.
       cache_cross: encoder-decoder only: False re-projects the cross-attention K/V from the
         encoder output at every step instead of carrying them (to measure what caching saves).
+      mesh: the mesh `params` are placed on (`jaxdec.shard_params` or a sharded TrainState):
+        the batch is split over data x fsdp and the KV cache over batch and KV heads for the
+        whole loop (`jaxdec.sharding`). None: wherever the arrays are.
 
     Returns:
       GenerateResult(tokens int32 [B, max_new_tokens], lengths int32 [B], logits).
@@ -314,4 +321,5 @@ def generate(
         params, config, inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths, key,
         inputs.eos_id, inputs.pad_id, sampler=sampler, max_new_tokens=max_new_tokens,
         capacity=capacity, use_cache=use_cache, cache_cross=cache_cross, return_logits=return_logits,
+        mesh=mesh,
     )

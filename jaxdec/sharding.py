@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxdec import cache as kv_cache
+
 PyTree = Any
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -382,3 +384,40 @@ def init_devices(num_cpu_devices: int | None = None, coordinator_address: str | 
                          f"num_processes={count}")
     if count > 1:
         jax.distributed.initialize(setup["coordinator_address"], count, index)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _is_cache(x) -> bool:
+    return isinstance(x, (kv_cache.KVCache, kv_cache.CrossKV))
+
+
+def constrain_caches(tree: PyTree, mesh: Mesh | None) -> PyTree:
+    """Inside jit: pins every KVCache / CrossKV found in `tree` (a decode loop's state) to the
+    rules (batch over data x fsdp, KV heads over tensor, slots whole); other leaves untouched.
+    Applied to the loop's carry on the way in and out of each step, it keeps the cache where it
+    is for the whole loop."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(lambda x: constrain(x, mesh, cache_axes) if _is_cache(x) else x, tree,
+                        is_leaf=_is_cache)
+
+
+def sharded_step(step_fn, mesh: Mesh | None):
+    """A step function (..) -> (logits, cache) whose returned cache is pinned to the rules."""
+    if mesh is None:
+        return step_fn
+
+    def step(*args):
+        logits, cache = step_fn(*args)
+        return logits, constrain_caches(cache, mesh)
+
+    return step
+
+
+def constrain_decode_inputs(mesh: Mesh | None, params: PyTree, batch_arrays: tuple) -> tuple:
+    """Inside jit: params by the rules, and every [B, ...] input (None allowed) over data x fsdp."""
+    if mesh is None:
+        return params, batch_arrays
+    return constrain(params, mesh), constrain(batch_arrays, mesh, batch_axes)

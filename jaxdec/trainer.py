@@ -265,7 +265,7 @@ def sample_texts(state: TrainState, prompts: list[np.ndarray], new_tokens: int, 
     lengths = np.array([len(p) for p in prompts], np.int32)
     result = generate(state.params, state.model_config, batch, lengths, max_new_tokens=new_tokens,
                       sampler=TopK(10, temperature=0.8), key=key, eos_id=TOKENIZER.eos_id,
-                      pad_id=TOKENIZER.pad_id)
+                      pad_id=TOKENIZER.pad_id, mesh=state.mesh)
     return [TOKENIZER.decode(p) + " ⟶ " + TOKENIZER.decode(np.asarray(t)) for p, t in zip(prompts, result.tokens)]
 
 
@@ -274,7 +274,7 @@ def decode_speed(state: TrainState, prompt: np.ndarray, new_tokens: int, repeats
     speeds = {}
     for use_cache in (True, False):
         run = lambda: generate(state.params, state.model_config, prompt[None], max_new_tokens=new_tokens,  # noqa: E731
-                               use_cache=use_cache).tokens
+                               use_cache=use_cache, mesh=state.mesh).tokens
         jax.block_until_ready(run())
         times = []
         for _ in range(repeats):
@@ -335,7 +335,7 @@ def translate_dates(state: TrainState, sources: list[str], source_len: int) -> l
     prompts = np.full((len(sources), 1), TOKENIZER.bos_id, np.int32)
     result = generate(state.params, state.model_config, prompts, source=batch["source"],
                       source_lengths=batch["source_lengths"], max_new_tokens=dates.TARGET_BYTES + 1,
-                      eos_id=TOKENIZER.eos_id, pad_id=TOKENIZER.pad_id)
+                      eos_id=TOKENIZER.eos_id, pad_id=TOKENIZER.pad_id, mesh=state.mesh)
     return [TOKENIZER.decode(np.asarray(t)) for t in result.tokens]
 
 

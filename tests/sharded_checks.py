@@ -10,6 +10,7 @@ mesh), tiny configs. Each check prints "ok: <name>"; the first failure raises.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 
@@ -19,7 +20,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 import jaxdec
-from jaxdec import checkpoint, sharding
+from jaxdec import checkpoint, decode, sharding
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -164,11 +165,61 @@ def _raw(state):
                         else x, state)
 
 
+def _all_gather_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """Result shapes of every all-gather in compiled HLO text."""
+    shapes = []
+    for m in re.finditer(r"= \(?([a-z0-9]+)\[([0-9,]*)\][^=]*? all-gather(?:-start)?\(", hlo):
+        shapes.append(tuple(int(d) for d in m.group(2).split(",") if d))
+    return shapes
+
+
+def check_decoding():
+    """Greedy tokens on a mesh equal one device's; the compiled loop gathers neither the cache
+    nor whole parameters."""
+    params = jaxdec.init_params(MC, jax.random.key(5))
+    prompts = np.random.default_rng(1).integers(1, MC.vocab_size, (8, 6)).astype(np.int32)
+    lengths = np.array([6, 3, 5, 1, 6, 2, 4, 6], np.int32)
+    new = 10
+    want = np.asarray(jaxdec.generate(params, MC, prompts, lengths, max_new_tokens=new).tokens)
+    for shape in [(2, 2, 2), (1, 2, 4)]:
+        mesh = jaxdec.make_mesh(*shape)
+        placed = jaxdec.shard_params(params, mesh)
+        got = jaxdec.generate(placed, MC, prompts, lengths, max_new_tokens=new, mesh=mesh)
+        np.testing.assert_array_equal(np.asarray(got.tokens), want, err_msg=f"greedy tokens on {shape}")
+        beams, _ = jaxdec.beam_search(placed, MC, prompts, lengths, beam_size=2, max_new_tokens=4, mesh=mesh)
+        ref_beams, _ = jaxdec.beam_search(params, MC, prompts, lengths, beam_size=2, max_new_tokens=4)
+        np.testing.assert_array_equal(np.asarray(beams.tokens), np.asarray(ref_beams.tokens))
+    ok("greedy and beam tokens on (2, 2, 2) and (1, 2, 4) equal one device's")
+
+    mesh = jaxdec.make_mesh(2, 2, 2)
+    placed = jaxdec.shard_params(params, mesh)
+    capacity = prompts.shape[1] + new
+    hlo = decode._generate.lower(
+        placed, MC, jnp.asarray(prompts), jnp.asarray(lengths), None, None, jax.random.key(0),
+        jnp.asarray(-1, jnp.int32), jnp.asarray(0, jnp.int32), sampler=jaxdec.Greedy(),
+        max_new_tokens=new, capacity=capacity, use_cache=True, cache_cross=True, return_logits=False,
+        mesh=mesh).compile().as_text()
+    cache_shape = (MC.num_layers, 8, MC.kv_heads, capacity, MC.head_dim)
+    per_device_cache = (MC.num_layers, 2, 1, capacity, MC.head_dim)
+    forbidden = {cache_shape, cache_shape[1:], per_device_cache[1:]}
+    # FSDP gathers each layer's weight over fsdp as it is used (that is what it trades memory
+    # for); what must never happen is a whole stack of layers, or the tensor-split embedding
+    # and head, gathered in one piece.
+    forbidden |= {tuple(x.shape) for x in jax.tree.leaves(params["layers"]) if x.ndim >= 3}
+    forbidden |= {params["embed"].shape, params["head"].shape}
+    gathered = _all_gather_shapes(hlo)
+    bad = [s for s in gathered if s in forbidden or (len(s) >= 3 and s[-2:] == (capacity, MC.head_dim))]
+    assert not bad, f"all-gathers of cache-sized or whole-parameter operands: {bad}"
+    print(f"  decode program on (2, 2, 2): {len(gathered)} all-gathers, shapes {sorted(set(gathered))}")
+    ok("compiled decode gathers no cache-sized operand and no whole parameter")
+
+
 def main() -> None:
     assert jax.device_count() == 8, f"run with JAX_NUM_CPU_DEVICES=8, got {jax.device_count()} devices"
     _, states = check_training()
     check_nonfinite_guard(states[(2, 2, 2)])
     check_checkpoints()
+    check_decoding()
     print("all sharded checks passed", flush=True)
 
 
