@@ -262,21 +262,33 @@ def _generate_seconds(params, config, prompts, repeats: int, **kwargs) -> tuple[
 
 def bench_capacity(capacities=(264, 1024, 4096, 16384), batches=(1, 8), prompt_len=8, new_tokens=256,
                    repeats=3) -> list[dict]:
-    """The same work (prompt_len + new_tokens tokens) in caches of growing capacity."""
+    """The same work (prompt_len + new_tokens tokens) in caches of growing capacity: whole
+    generate calls, and apart from them the prefill (which allocates and zeroes the cache, the
+    one cost that must grow with capacity) and the decode steps."""
     config = dataclasses.replace(BENCH_CONFIG, max_len=max(capacities))
     params = jaxdec.init_params(config, jax.random.key(0))
+    prefill = jax.jit(jaxdec.model.prefill, static_argnames=("config", "capacity"))
     rows = []
     for batch in batches:
         prompts = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, config.vocab_size)
+        lengths = jnp.full((batch,), prompt_len, jnp.int32)
         base = None
         for capacity in capacities:
             _, median = _generate_seconds(params, config, prompts, repeats, max_new_tokens=new_tokens,
                                           capacity=capacity)
+            buffer = jnp.pad(prompts, ((0, 0), (0, capacity - new_tokens - prompt_len)))  # as generate pads
+            run_prefill = lambda: prefill(params, config, buffer, lengths, capacity)[1].k  # noqa: E731
+            jax.block_until_ready(run_prefill())
+            prefill_s, _ = _median_seconds(run_prefill, repeats)
             tok_s = batch * new_tokens / median
-            base = base or tok_s
+            step_s = max(median - prefill_s, 1e-9) / new_tokens
+            base = base or (tok_s, step_s)
             rows.append({"bench": "scaling", "sweep": "capacity", "batch": batch, "capacity": capacity,
                          "prompt": prompt_len, "new_tokens": new_tokens, "tokens_per_s": round(tok_s, 1),
-                         "slowdown_vs_first": round(base / tok_s, 2), "xla_flags": _threads()})
+                         "slowdown_vs_first": round(base[0] / tok_s, 2),
+                         "prefill_and_allocation_ms": round(1e3 * prefill_s, 1),
+                         "decode_step_us": round(1e6 * step_s, 1),
+                         "step_slowdown_vs_first": round(step_s / base[1], 2), "xla_flags": _threads()})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -369,8 +381,10 @@ def plot_scaling(rows: list[dict], path: str) -> None:
     for batch in sorted({r["batch"] for r in by("capacity")}):
         pts = [r for r in by("capacity") if r["batch"] == batch]
         ax.plot([r["capacity"] for r in pts], [r["tokens_per_s"] for r in pts], "o-", label=f"batch {batch}")
+        ax.plot([r["capacity"] for r in pts], [batch * 1e6 / r["decode_step_us"] for r in pts], "x--",
+                label=f"batch {batch}, decode steps only")
     ax.set(xscale="log", xlabel="cache capacity (slots)", ylabel="tokens/s",
-           title="same work (8 + 256 tokens), growing capacity")
+           title="same work, growing capacity")
     ax.legend()
     ax = axes[1]
     pts = by("prompt")
