@@ -106,6 +106,7 @@ def test_report_end_to_end_on_a_tiny_random_decoder(tmp_path, capsys, caplog):
 
 
 @pytest.mark.filterwarnings("error:.*[Gg]lyph.*missing")
+@pytest.mark.slow  # 20 s of compiles; the decoder-only end-to-end test covers the default run
 def test_report_end_to_end_on_a_tiny_random_encoder_decoder(tmp_path, caplog):
     out = tmp_path / "dates"
     path = explain.main(["--task", "dates", "--out", str(out), "--samples", "2", "--repeats", "1"])

@@ -155,6 +155,7 @@ def test_devices_cannot_change_after_jax_started():
         sharding.init_devices(coordinator_address="localhost:1234", num_processes=2, process_id=2)
 
 
+@pytest.mark.slow  # about 3-5 minutes on 2 cores (a compile per mesh); CI runs it
 def test_eight_simulated_devices():
     """Train parity on 4 meshes, specs, per-device bytes, the guard, checkpoints across meshes."""
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
