@@ -1,4 +1,4 @@
-"""Beam search as one jitted `lax.scan` with fixed shapes, over the same prefill and cached step
+"""Beam search as one jitted `lax.while_loop` with fixed shapes, over the same prefill and cached step
 functions as sampling.
 
 Each example keeps W running beams (summed log-probabilities) and a set of W finished

@@ -1,4 +1,5 @@
-"""Autoregressive decoding: one `lax.scan` over steps, carrying a named DecodeState.
+"""Autoregressive decoding: one `lax.while_loop` over steps (it ends early once every row has
+emitted eos), carrying a named DecodeState.
 
 The loop (`decode_loop`) knows the model only through a step function
 `step_fn(params, state_cache, tokens [B], positions [B]) -> (logits [B, V], state_cache)`,
