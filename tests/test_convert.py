@@ -1,4 +1,4 @@
-"""Tests for jaxdec.convert and the `python -m jaxdec.generate` CLI against Hugging Face.
+"""Tests for jaxdec.hf (and its `python -m jaxdec.hf` CLI) against Hugging Face.
 
 Randomly initialised GPT2LMHeadModel / MarianMTModel (tiny configs, built offline) are converted
 and compared with PyTorch: logits on padded batches, greedy tokens and per-step logits of HF's
@@ -19,7 +19,8 @@ otherwise change the last token.
 
 from __future__ import annotations
 
-import importlib
+import ast
+import inspect
 import io
 import json
 import os
@@ -37,7 +38,8 @@ transformers = pytest.importorskip(
 pytest.importorskip("safetensors", reason="checkpoint folders need safetensors")
 
 import jaxdec  # noqa: E402
-from jaxdec import convert  # noqa: E402
+import jaxdec.convert  # noqa: E402
+import jaxdec.hf  # noqa: E402
 from jaxdec.config import DecoderConfig, Seq2SeqConfig  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: 2 threads fight XLA's pool (x200 slower HF steps here)
@@ -136,10 +138,10 @@ def _model(kind: str, case: str):
     if (kind, case) not in _MODELS:
         if kind == "gpt2":
             hf = _make_gpt2(case)
-            config, params = convert.from_gpt2(hf.state_dict(), hf.config)
+            config, params = jaxdec.hf.from_gpt2(hf.state_dict(), hf.config)
         else:
             hf = _make_marian(case)
-            config, params = convert.from_marian(hf.state_dict(), hf.config)
+            config, params = jaxdec.hf.from_marian(hf.state_dict(), hf.config)
         _MODELS[kind, case] = (hf, config, params)
     return _MODELS[kind, case]
 
@@ -418,12 +420,12 @@ def test_gpt2_folders_load_like_the_state_dict(tmp_path):
     _write_shards(tmp_path / "shards", hf, {k: v.numpy() for k, v in hf.state_dict().items()
                                              if k != "lm_head.weight"})
     for folder in ("st", "bin", "shards"):
-        loaded_config, loaded = convert.from_gpt2(str(tmp_path / folder))
+        loaded_config, loaded = jaxdec.hf.from_gpt2(str(tmp_path / folder))
         assert loaded_config == config, folder
         _assert_same_params(loaded, params)
     # Names without the "transformer." prefix (GPT2Model's state dict) and numpy values.
     bare = {k.removeprefix("transformer."): v.numpy() for k, v in hf.state_dict().items()}
-    _assert_same_params(convert.from_gpt2(bare, {"n_head": 3})[1], params)
+    _assert_same_params(jaxdec.hf.from_gpt2(bare, {"n_head": 3})[1], params)
 
 
 def test_marian_folders_load_like_the_state_dict(tmp_path):
@@ -431,12 +433,12 @@ def test_marian_folders_load_like_the_state_dict(tmp_path):
     hf.save_pretrained(tmp_path / "st")  # drops the tied copies and the static position tables
     _write_bin(tmp_path / "bin", hf, hf.state_dict())  # keeps both
     for folder in ("st", "bin"):
-        loaded_config, loaded = convert.from_marian(tmp_path / folder)
+        loaded_config, loaded = jaxdec.hf.from_marian(tmp_path / folder)
         assert loaded_config == config, folder
         _assert_same_params(loaded, params)
     # Without "model." and without final_logits_bias (HF then uses zeros).
     sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items() if k != "final_logits_bias"}
-    cfg, loaded = convert.from_marian(sd, hf.config.to_dict())
+    cfg, loaded = jaxdec.hf.from_marian(sd, hf.config.to_dict())
     assert np.all(np.asarray(loaded["decoder"]["logits_bias"]) == 0)
 
 
@@ -448,7 +450,7 @@ def test_bfloat16_safetensors_read_without_torch_dtypes(tmp_path):
     hf.config.to_json_file(tmp_path / "bf16" / "config.json")
     sd = {k: v.to(torch.bfloat16) for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     safetensors.torch.save_file(sd, tmp_path / "bf16" / "model.safetensors")
-    _, loaded = convert.from_gpt2(tmp_path / "bf16")
+    _, loaded = jaxdec.hf.from_gpt2(tmp_path / "bf16")
     np.testing.assert_array_equal(np.asarray(loaded["embed"]),
                                   sd["transformer.wte.weight"].float().numpy())
 
@@ -456,17 +458,17 @@ def test_bfloat16_safetensors_read_without_torch_dtypes(tmp_path):
 def test_special_ids(tmp_path):
     hf, _, _ = _model("gpt2", "gelu_new")
     hf.save_pretrained(tmp_path / "gpt2")
-    assert convert.special_ids(tmp_path / "gpt2") == convert.SpecialIds(
+    assert jaxdec.hf.special_ids(tmp_path / "gpt2") == jaxdec.hf.SpecialIds(
         eos_id=GPT2_EOS, pad_id=GPT2_PAD, decoder_start_id=None, bos_id=GPT2_EOS)
     # GPT-2 has no pad token: eos pads, as in HF's generate.
-    assert convert.special_ids(hf.state_dict(), {"eos_token_id": 5, "pad_token_id": None}).pad_id == 5
+    assert jaxdec.hf.special_ids(hf.state_dict(), {"eos_token_id": 5, "pad_token_id": None}).pad_id == 5
     hf, config, _ = _model("marian", "opus")
     hf.save_pretrained(tmp_path / "marian")
     pad = config.vocab_size - 1
-    assert convert.special_ids(tmp_path / "marian") == convert.SpecialIds(
+    assert jaxdec.hf.special_ids(tmp_path / "marian") == jaxdec.hf.SpecialIds(
         eos_id=MARIAN_EOS, pad_id=pad, decoder_start_id=pad, bos_id=None)
     with pytest.raises(ValueError, match="pad_id=58100 is outside the vocabulary"):
-        convert.special_ids(hf.state_dict(), {"encoder_attention_heads": 4})  # HF's default pad
+        jaxdec.hf.special_ids(hf.state_dict(), {"encoder_attention_heads": 4})  # HF's default pad
 
 
 def test_unknown_missing_and_misshapen_tensors_are_named():
@@ -474,31 +476,32 @@ def test_unknown_missing_and_misshapen_tensors_are_named():
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
     cfg = hf.config.to_dict()
     with pytest.raises(ValueError, match=r"unknown tensors: h\.0\.attn\.rotary\.weight"):
-        convert.from_gpt2({**sd, "transformer.h.0.attn.rotary.weight": np.zeros(3)}, cfg)
+        jaxdec.hf.from_gpt2({**sd, "transformer.h.0.attn.rotary.weight": np.zeros(3)}, cfg)
     with pytest.raises(ValueError, match=r"missing tensors: h\.1\.mlp\.c_fc\.bias$"):
-        convert.from_gpt2({k: v for k, v in sd.items() if k != "transformer.h.1.mlp.c_fc.bias"}, cfg)
+        jaxdec.hf.from_gpt2({k: v for k, v in sd.items() if k != "transformer.h.1.mlp.c_fc.bias"}, cfg)
     with pytest.raises(ValueError, match=r"h\.0\.attn\.c_proj\.weight \(48, 24\) give layers\.0\.attn\.out"):
-        convert.from_gpt2({**sd, "transformer.h.0.attn.c_proj.weight": np.zeros((48, 24))}, cfg)
+        jaxdec.hf.from_gpt2({**sd, "transformer.h.0.attn.c_proj.weight": np.zeros((48, 24))}, cfg)
     with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
-        convert.from_gpt2({**sd, "lm_head.weight": sd["lm_head.weight"] + 1}, cfg)
+        jaxdec.hf.from_gpt2({**sd, "lm_head.weight": sd["lm_head.weight"] + 1}, cfg)
     # Untied when the config does not say and the head differs from the embedding.
-    untied_cfg, untied = convert.from_gpt2({**sd, "lm_head.weight": sd["lm_head.weight"] + 1}, {"n_head": 3})
+    untied_cfg, untied = jaxdec.hf.from_gpt2({**sd, "lm_head.weight": sd["lm_head.weight"] + 1},
+                                             {"n_head": 3})
     assert not untied_cfg.tie_embeddings
     np.testing.assert_array_equal(np.asarray(untied["head"]), (sd["lm_head.weight"] + 1).T)
     with pytest.raises(ValueError, match="number of attention heads cannot be inferred"):
-        convert.from_gpt2(sd)
+        jaxdec.hf.from_gpt2(sd)
 
     hf, _, _ = _model("marian", "opus")
     sd = dict(hf.state_dict())
     cfg = hf.config.to_dict()
     with pytest.raises(ValueError, match=r"unknown tensors: encoder\.layernorm_embedding\.weight"):
-        convert.from_marian({**sd, "model.encoder.layernorm_embedding.weight": torch.ones(32)}, cfg)
+        jaxdec.hf.from_marian({**sd, "model.encoder.layernorm_embedding.weight": torch.ones(32)}, cfg)
     with pytest.raises(ValueError, match=r"missing tensors: decoder\.layers\.1\.encoder_attn\.k_proj\.weight"):
-        convert.from_marian({k: v for k, v in sd.items()
-                             if k != "model.decoder.layers.1.encoder_attn.k_proj.weight"}, cfg)
+        jaxdec.hf.from_marian({k: v for k, v in sd.items()
+                               if k != "model.decoder.layers.1.encoder_attn.k_proj.weight"}, cfg)
     with pytest.raises(ValueError, match="encoder.embed_positions.weight is not the sinusoidal table"):
         shifted = sd["model.encoder.embed_positions.weight"].roll(2, dims=0)  # BART's offset of 2
-        convert.from_marian({**sd, "model.encoder.embed_positions.weight": shifted}, cfg)
+        jaxdec.hf.from_marian({**sd, "model.encoder.embed_positions.weight": shifted}, cfg)
 
 
 @pytest.mark.parametrize("kind,override,match", [
@@ -514,7 +517,7 @@ def test_unknown_missing_and_misshapen_tensors_are_named():
 ])
 def test_configs_jaxdec_cannot_express_are_refused(kind, override, match):
     hf, _, _ = _model(kind, "gelu_new" if kind == "gpt2" else "opus")
-    convert_fn = convert.from_gpt2 if kind == "gpt2" else convert.from_marian
+    convert_fn = jaxdec.hf.from_gpt2 if kind == "gpt2" else jaxdec.hf.from_marian
     with pytest.raises(ValueError, match=match):
         convert_fn(hf.state_dict(), {**hf.config.to_dict(), **override})
 
@@ -524,7 +527,36 @@ def test_bin_without_torch_is_a_clear_error(tmp_path, monkeypatch):
     _write_bin(tmp_path, hf, hf.state_dict())
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     with pytest.raises(ImportError, match="needs torch"):
-        convert.from_gpt2(tmp_path)
+        jaxdec.hf.from_gpt2(tmp_path)
+
+
+def test_convert_module_re_exports_jaxdec_hf():
+    """`jaxdec.convert` stays for older callers: the same objects as `jaxdec.hf`."""
+    for name in ("from_gpt2", "from_marian", "special_ids", "SpecialIds", "load_checkpoint",
+                 "Checkpoint", "load_state_dict"):
+        assert getattr(jaxdec.convert, name) is getattr(jaxdec.hf, name), name
+
+
+def test_the_library_never_imports_jaxdec_hf():
+    """Imports flow one way: jaxdec.hf uses the library; only the jaxdec.convert shim imports it."""
+    package = os.path.dirname(jaxdec.__file__)
+    for root, _, files in os.walk(package):
+        if os.path.relpath(root, package).split(os.sep)[0] == "hf":
+            continue
+        for name in files:
+            path = os.path.join(root, name)
+            if not name.endswith(".py") or path == jaxdec.convert.__file__:
+                continue
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    modules = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    modules = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                else:
+                    continue
+                assert not any(m == "jaxdec.hf" or m.startswith("jaxdec.hf.") for m in modules), path
 
 
 # --- the CLI, end to end ----------------------------------------------------------------------
@@ -589,12 +621,19 @@ def _marian_tokenizer(folder):
     return tok
 
 
+def test_generate_stays_a_plain_function():
+    """The CLI lives in `jaxdec.hf.cli`: no module shadows the function `jaxdec.generate`."""
+    import jaxdec.hf.cli
+
+    assert inspect.isfunction(jaxdec.generate)
+
+
 @pytest.fixture(scope="module")
 def cli():
-    """The CLI module; importing it must not break the function `jaxdec.generate`."""
-    module = importlib.import_module("jaxdec.generate")
-    assert callable(jaxdec.generate)
-    return module
+    """The CLI module."""
+    import jaxdec.hf.cli
+
+    return jaxdec.hf.cli
 
 
 def test_cli_gpt2_greedy_matches_hf(tmp_path, cli, capsys):
@@ -617,8 +656,8 @@ def test_cli_gpt2_greedy_matches_hf(tmp_path, cli, capsys):
     argv = ["--checkpoint", str(tmp_path), *texts, "--max-new-tokens", "12"]
     assert cli.main(argv) == 0
     assert capsys.readouterr().out == printed
-    # `python -m jaxdec.generate`, in a fresh interpreter.
-    done = subprocess.run([sys.executable, "-m", "jaxdec.generate", *argv], capture_output=True, timeout=120)
+    # `python -m jaxdec.hf`, in a fresh interpreter.
+    done = subprocess.run([sys.executable, "-m", "jaxdec.hf", *argv], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode("utf-8") == printed
     # vocab.json + merges.txt instead of tokenizer.json, and no torch / transformers needed.
@@ -634,7 +673,7 @@ def test_cli_gpt2_greedy_matches_hf(tmp_path, cli, capsys):
     first = capsys.readouterr().out
     assert cli.main(argv) == 0
     assert capsys.readouterr().out == first
-    assert callable(jaxdec.generate)
+    assert inspect.isfunction(jaxdec.generate)
 
 
 def test_cli_marian_translates_like_hf(tmp_path, cli, capsys):
@@ -658,7 +697,7 @@ def test_cli_marian_translates_like_hf(tmp_path, cli, capsys):
     assert cli.main(["--checkpoint", str(tmp_path), *texts, "--max-new-tokens", str(MAX_NEW), "--beams", "4"]) == 0
     assert capsys.readouterr().out == "".join(e + "\n" for e in expected)
     # The ban itself: a -1e9 bias on the pad logit, nothing else changed.
-    ckpt = convert.load_checkpoint(str(tmp_path))
+    ckpt = jaxdec.hf.load_checkpoint(str(tmp_path))
     assert ckpt.generation["bad_words_ids"] == [[pad]]
     banned = cli._ban_tokens(ckpt, ckpt.params)["decoder"]["logits_bias"]
     expected_bias = np.asarray(ckpt.params["decoder"]["logits_bias"]).copy()

@@ -1,11 +1,11 @@
 """Command line: decode with jaxdec from a local Hugging Face GPT-2 or Marian checkpoint folder.
 
-    python -m jaxdec.generate --checkpoint DIR "text" ["more text" ...] [--max-new-tokens N]
+    python -m jaxdec.hf --checkpoint DIR "text" ["more text" ...] [--max-new-tokens N]
         [--beams K] [--temperature T] [--top-k K] [--top-p P] [--seed S]
 
 The folder holds config.json (its model_type, "gpt2" or "marian", picks the model), the weights
-(model.safetensors or pytorch_model.bin, read by `jaxdec.convert`) and the model's own tokenizer
-files, read locally (nothing is downloaded):
+(model.safetensors or pytorch_model.bin, read by `jaxdec.hf.load_checkpoint`) and the model's own
+tokenizer files, read locally (nothing is downloaded):
 - GPT-2: tokenizer.json (the `tokenizers` package), or vocab.json + merges.txt (a byte-level BPE
   built from them with `tokenizers`).
 - Marian: source.spm, target.spm and vocab.json, through transformers' MarianTokenizer (needs
@@ -27,30 +27,18 @@ import argparse
 import json
 import os
 import sys
-import types
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec import convert, decode
+from jaxdec import decode
 from jaxdec.beam import beam_search
+from jaxdec.hf.loading import Checkpoint, load_checkpoint
 from jaxdec.sampling import Greedy, Temperature, TopK, TopP
 
 NEG_BIAS = -1.0e9  # a banned token's logit bias: finite, so no inf - inf NaNs
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this module sets the package attribute `jaxdec.generate` to it, hiding the
-    function `jaxdec.generate` (= `jaxdec.decode.generate`). Calling the module calls the
-    function, so `jaxdec.generate(params, ...)` keeps working after `import jaxdec.generate`."""
-
-    def __call__(self, *args, **kwargs):
-        return decode.generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 # --- tokenizers -------------------------------------------------------------------------------
@@ -120,7 +108,7 @@ def _pad_rows(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, lengths
 
 
-def _ban_tokens(ckpt: convert.Checkpoint, params: dict) -> dict:
+def _ban_tokens(ckpt: Checkpoint, params: dict) -> dict:
     """Single-token bad_words_ids from the generation settings as a -1e9 logit bias."""
     banned = sorted({int(w[0]) for w in ckpt.generation.get("bad_words_ids") or [] if len(w) == 1})
     if not banned:
@@ -147,7 +135,7 @@ def run(checkpoint: str, texts: list[str], *, max_new_tokens: int = 64, beams: i
     (num_beams, else 1, and 1 when sampling; length_penalty, else 1.0; early_stopping is True,
     else False).
     """
-    ckpt = convert.load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
     tok = load_tokenizer(checkpoint, ckpt.model_type)
     gen = ckpt.generation
     if beams is None:  # the folder's num_beams, unless sampling was asked for
@@ -195,7 +183,7 @@ def _sampler(args) -> object:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m jaxdec.generate",
+        prog="python -m jaxdec.hf",
         description="Continue (GPT-2) or translate (Marian / opus-mt) texts with jaxdec, from a local "
                     "Hugging Face checkpoint folder and its own tokenizer files. Greedy by default.",
     )
@@ -229,7 +217,3 @@ def main(argv: list[str] | None = None) -> int:
     for line in outputs:
         print(line)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Hugging Face interop: GPT-2 and Marian (opus-mt) checkpoints as jaxdec configs and params.
+
+`from_gpt2(source)` -> (DecoderConfig, params) and `from_marian(source)` -> (Seq2SeqConfig, params)
+take either a state dict (name -> torch tensor or numpy array, with or without the
+"transformer." / "model." prefixes) or a local checkpoint folder (config.json plus
+model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin). Nothing is ever
+downloaded. Reading safetensors needs only `safetensors` and numpy; a .bin needs torch.
+`special_ids(source)` gives the eos / pad / decoder-start ids; `load_checkpoint(folder)` does all
+of it, dispatching on config.json's model_type.
+
+The config. A folder's config.json is read. For a bare state dict, pass `config=` (a dict like
+config.json, or an HF config object); what it leaves out is inferred from tensor shapes (vocab
+size, d_model, layer counts, MLP width, GPT-2's n_positions), then taken from HF's class defaults
+(activation, LayerNorm eps, scale_embedding, special ids, ...). The number of attention heads
+cannot be read from any shape and must be given (n_head / encoder_attention_heads). GPT-2's
+tie_word_embeddings, when not given, is inferred from the data: tied unless an lm_head.weight
+differs from wte. Configs jaxdec cannot express raise ValueError naming the field.
+
+Checking. Every expected tensor must be present with the expected shape, and every tensor must
+be known: otherwise ValueError names them. Ignored: the non-parameter buffers of old GPT-2
+checkpoints (h.N.attn.bias, h.N.attn.masked_bias) and Marian's static sinusoidal tables
+(embed_positions.weight), which are checked against `jaxdec.layers.sinusoidal` when present.
+Tied copies (lm_head.weight, the per-stack embed_tokens.weight of shared embeddings) may be
+present or not; when present they must equal the tensor they are tied to.
+
+Modules (imports flow down this list; the rest of jaxdec never imports this package):
+  files.py     reading a checkpoint folder: safetensors / pytorch_model.bin / config.json
+  mapping.py   the rules engine both mappings share: {jaxdec path: (HF names, transform)}
+  gpt2.py      the GPT-2 mapping table (in its docstring) and `from_gpt2`
+  marian.py    the Marian mapping table (in its docstring) and `from_marian`
+  loading.py   special ids and `load_checkpoint`, dispatching on model_type
+  cli.py       the command line, `python -m jaxdec.hf --checkpoint DIR "text" ...` (__main__.py)
+
+`jaxdec.convert` re-exports the public names for older callers.
+"""
+
+from jaxdec.hf.files import load_state_dict
+from jaxdec.hf.gpt2 import from_gpt2
+from jaxdec.hf.loading import Checkpoint, SpecialIds, load_checkpoint, special_ids
+from jaxdec.hf.marian import from_marian
+
+__all__ = [
+    "Checkpoint",
+    "SpecialIds",
+    "from_gpt2",
+    "from_marian",
+    "load_checkpoint",
+    "load_state_dict",
+    "special_ids",
+]

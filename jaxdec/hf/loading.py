@@ -1,0 +1,114 @@
+"""Whole checkpoints: special token ids and `load_checkpoint`, dispatching on model_type.
+
+`special_ids(source)` gives the eos / pad / decoder-start ids of a folder (config.json, then
+generation_config.json, as HF's generate reads them) or of a config dict. `load_checkpoint(folder)`
+reads a GPT-2 or Marian folder whole: config, params, special ids and generation settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from jaxdec.config import DecoderConfig, Seq2SeqConfig
+from jaxdec.hf.files import _resolve
+from jaxdec.hf.gpt2 import GPT2_DEFAULTS, from_gpt2
+from jaxdec.hf.mapping import _given
+from jaxdec.hf.marian import MARIAN_DEFAULTS, from_marian
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """Token ids that decoding needs.
+
+    eos_id: stop token (None: never stop). pad_id: fills finished rows (GPT-2 has none: eos is
+    used, as HF's generate does). decoder_start_id: the encoder-decoder's first decoder token
+    (None for a decoder-only model). bos_id: as configured (unused by decoding).
+    """
+
+    eos_id: int | None
+    pad_id: int | None
+    decoder_start_id: int | None = None
+    bos_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint folder: model_type ("gpt2" or "marian"), config, params, special ids,
+    and the raw generation settings (config.json updated by generation_config.json)."""
+
+    model_type: str
+    config: DecoderConfig | Seq2SeqConfig
+    params: dict
+    special: SpecialIds
+    generation: dict
+
+
+def _single_id(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) > 1:
+            raise ValueError(f"{name}={value}: jaxdec decodes with a single eos id")
+        return int(value[0]) if value else None
+    return int(value)
+
+
+def _special(model_type: str, settings: dict, vocab_size: int) -> SpecialIds:
+    defaults = GPT2_DEFAULTS if model_type == "gpt2" else MARIAN_DEFAULTS
+    get = lambda k: settings[k] if k in settings else defaults.get(k)  # noqa: E731
+    eos = _single_id("eos_token_id", get("eos_token_id"))
+    pad = _single_id("pad_token_id", get("pad_token_id"))
+    if model_type == "gpt2":
+        special = SpecialIds(eos_id=eos, pad_id=eos if pad is None else pad,
+                             bos_id=_single_id("bos_token_id", get("bos_token_id")))
+    else:
+        start = _single_id("decoder_start_token_id", get("decoder_start_token_id"))
+        special = SpecialIds(eos_id=eos, pad_id=pad, decoder_start_id=pad if start is None else start,
+                             bos_id=_single_id("bos_token_id", get("bos_token_id")))
+    for name in ("eos_id", "pad_id", "decoder_start_id"):  # the ids decoding uses
+        value = getattr(special, name)
+        if value is not None and not 0 <= value < vocab_size:
+            raise ValueError(f"{name}={value} is outside the vocabulary [0, {vocab_size}): "
+                             "pass config= with the model's special token ids")
+    return special
+
+
+def _model_type(cfg: dict, tensors: dict) -> str:
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        names = set(tensors)
+        if any(n.endswith("wte.weight") for n in names):
+            return "gpt2"
+        if any("encoder.layers." in n for n in names):
+            return "marian"
+    if model_type not in ("gpt2", "marian"):
+        raise ValueError(f"model_type {model_type!r} is not supported: jaxdec imports 'gpt2' and 'marian'")
+    return model_type
+
+
+def special_ids(source, config=None) -> SpecialIds:
+    """eos / pad / decoder-start ids of a checkpoint folder (config.json, then
+    generation_config.json, as HF's generate reads them) or of a config dict.
+
+    For a state dict, only the config is read (HF defaults fill the gaps: GPT-2 eos 50256 and pad
+    = eos; Marian eos 0, pad = decoder start = 58100); the tensors give the vocabulary size that
+    the ids are checked against.
+    """
+    tensors, cfg, generation = _resolve(source, config)
+    model_type = _model_type(cfg, tensors)
+    vocab = _given(cfg, "vocab_size")
+    if vocab is None:
+        embeds = [t for n, t in tensors.items() if re.search(r"(wte|shared|embed_tokens)\.weight$", n)]
+        vocab = embeds[0].shape[0] if embeds else 2**31 - 1
+    return _special(model_type, generation, int(vocab))
+
+
+def load_checkpoint(folder: str) -> Checkpoint:
+    """A local GPT-2 or Marian checkpoint folder, dispatched on config.json's model_type."""
+    tensors, cfg, generation = _resolve(folder, None)
+    model_type = _model_type(cfg, tensors)
+    convert = from_gpt2 if model_type == "gpt2" else from_marian
+    config, params = convert(tensors, cfg)
+    return Checkpoint(model_type=model_type, config=config, params=params,
+                      special=_special(model_type, generation, config.vocab_size), generation=generation)
