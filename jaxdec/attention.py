@@ -210,8 +210,9 @@ def attend_cache(
         # that belong to the previous block so that none is counted twice.
         lo = j * S
         s0 = jnp.minimum(lo, capacity - S)
-        k_b = jax.lax.dynamic_slice(k, (layer, 0, 0, s0, 0), (1, B, K, S, H))[0]  # [B, K, S, H]
-        v_b = jax.lax.dynamic_slice(v, (layer, 0, 0, s0, 0), (1, B, K, S, H))[0]
+        start = tuple(jnp.asarray(i, jnp.int32) for i in (layer, 0, 0, s0, 0))  # one int type (x64)
+        k_b = jax.lax.dynamic_slice(k, start, (1, B, K, S, H))[0]  # [B, K, S, H]
+        v_b = jax.lax.dynamic_slice(v, start, (1, B, K, S, H))[0]
         slots = s0 + jnp.arange(S)  # [S]
         allowed = ((slots[None, None, :] >= jnp.maximum(lo, starts)[:, None, None])
                    & (slots[None, None, :] <= query_slots[None, :, None]))  # [B, T, S]

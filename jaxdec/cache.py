@@ -81,11 +81,18 @@ def write(cache: KVCache, layer: int | jax.Array, k: jax.Array, v: jax.Array) ->
 
 def write_layer(k_all: jax.Array, v_all: jax.Array, layer, end, k: jax.Array, v: jax.Array):
     """The arrays behind `write`: k_all, v_all [L, B, K, S, H]; k, v [B, T, K, H] at slot end."""
-    start = (layer, 0, 0, end, 0)
+    start = slice_start(layer, 0, 0, end, 0)
     k = jnp.swapaxes(k, 1, 2)[None].astype(k_all.dtype)  # [1, B, K, T, H]
     v = jnp.swapaxes(v, 1, 2)[None].astype(v_all.dtype)
     return (jax.lax.dynamic_update_slice(k_all, k, start),
             jax.lax.dynamic_update_slice(v_all, v, start))
+
+
+def slice_start(*indices) -> tuple[jax.Array, ...]:
+    """Start indices for `lax.dynamic_(update_)slice`, all int32: the primitive wants one integer
+    type, and under jax_enable_x64 a Python 0 or a loop counter would be int64 next to the
+    cache's int32 `end`."""
+    return tuple(jnp.asarray(i, jnp.int32) for i in indices)
 
 
 def advance(cache: KVCache, num_tokens: int | jax.Array) -> KVCache:
@@ -107,8 +114,9 @@ def select_rows(cache: KVCache, rows: jax.Array, block_size: int) -> KVCache:
         fresh = (s0 + jnp.arange(block_size) >= j * block_size)[None, None, None, :, None]
 
         def reorder(a):
-            b = jax.lax.dynamic_slice(a, (0, 0, 0, s0, 0), (L, a.shape[1], K, block_size, H))
-            return jax.lax.dynamic_update_slice(a, jnp.where(fresh, b[:, rows], b), (0, 0, 0, s0, 0))
+            b = jax.lax.dynamic_slice(a, slice_start(0, 0, 0, s0, 0), (L, a.shape[1], K, block_size, H))
+            return jax.lax.dynamic_update_slice(a, jnp.where(fresh, b[:, rows], b),
+                                                slice_start(0, 0, 0, s0, 0))
 
         return tuple(map(reorder, kv))
 

@@ -335,7 +335,7 @@ def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, lengths: jax
         cache, last = carry
         # The last chunk is read shifted back so that it ends inside the prompt buffer; its
         # overlap with the previous chunk recomputes (and rewrites) the same keys and values.
-        s0 = jnp.minimum(c * C, P - C)
+        s0 = jnp.minimum(c * C, P - C).astype(jnp.int32)  # the cache's end is int32 (also under x64)
         x, cache = _extend_hidden(params, config, cache.replace(end=s0),
                                   jax.lax.dynamic_slice_in_dim(aligned, s0, C, axis=1), cross)
         at = width - 1 - s0  # where the prompts' last token sits in this chunk, if it does
@@ -403,6 +403,7 @@ def prefill_uncached(params, config, tokens: jax.Array, lengths: jax.Array, capa
 def recompute_step(params, config, buf: TokenBuffer, tokens: jax.Array, positions: jax.Array, cross=None):
     """The waste the cache removes: append tokens [B] and rerun every position of the buffer."""
     del positions  # implied by the buffer's layout
-    new = jax.lax.dynamic_update_slice(buf.tokens, tokens[:, None].astype(jnp.int32), (0, buf.end))
+    new = jax.lax.dynamic_update_slice(buf.tokens, tokens[:, None].astype(jnp.int32),
+                                       kv_cache.slice_start(0, buf.end))
     buf = buf.replace(tokens=new)
     return _full_logits_at(params, config, buf, buf.end, cross), buf.replace(end=buf.end + 1)

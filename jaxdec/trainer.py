@@ -20,7 +20,7 @@ from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.data import ByteTokenizer, Corpus, dates, eval_batches, load_stdlib_corpus, load_text_corpus, sample_batch
 from jaxdec.decode import generate
 from jaxdec.sampling import TopK
-from jaxdec.training import TrainState, create_train_state, eval_step, train_step
+from jaxdec.training import TrainState, check_batch, create_train_state, eval_step, train_step
 
 TOKENIZER = ByteTokenizer()
 
@@ -238,6 +238,7 @@ def evaluate(state: TrainState, batches: list[dict]) -> dict:
     """Token-weighted held-out loss, bits per token and accuracy over `batches`."""
     sums = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
     for batch in batches:
+        check_batch(batch, state.model_config, check_values=True)  # host values, before placing
         m = eval_step(state, place_batch(batch, state.mesh))
         for k in sums:
             sums[k] += float(m[k])
@@ -256,6 +257,17 @@ def held_out_prompts(corpus: Corpus, num: int, length: int) -> list[np.ndarray]:
     return [p for p in prompts if len(p) > 0]
 
 
+def check_finite(result, what: str) -> None:
+    """Raises FloatingPointError if any row of a GenerateResult was sampled from NaN or inf
+    logits (its tokens would be garbage, e.g. token 0 everywhere, printed without a word)."""
+    bad = np.flatnonzero(np.asarray(result.nonfinite))
+    if bad.size:
+        raise FloatingPointError(
+            f"{what}: the model's logits were NaN or inf for row(s) {bad.tolist()} of "
+            f"{len(result.nonfinite)}; its parameters hold non-finite values (a diverged run? "
+            "lower the learning rate or check the data)")
+
+
 def sample_texts(state: TrainState, prompts: list[np.ndarray], new_tokens: int, key: jax.Array) -> list[str]:
     """Continues each prompt with the KV cache (top-k 10 sampling), decoded to text."""
     width = max(len(p) for p in prompts)
@@ -266,6 +278,7 @@ def sample_texts(state: TrainState, prompts: list[np.ndarray], new_tokens: int, 
     result = generate(state.params, state.model_config, batch, lengths, max_new_tokens=new_tokens,
                       sampler=TopK(10, temperature=0.8), key=key, eos_id=TOKENIZER.eos_id,
                       pad_id=TOKENIZER.pad_id, mesh=state.mesh)
+    check_finite(result, "samples")
     return [TOKENIZER.decode(p) + " ⟶ " + TOKENIZER.decode(np.asarray(t)) for p, t in zip(prompts, result.tokens)]
 
 
@@ -336,6 +349,7 @@ def translate_dates(state: TrainState, sources: list[str], source_len: int) -> l
     result = generate(state.params, state.model_config, prompts, source=batch["source"],
                       source_lengths=batch["source_lengths"], max_new_tokens=dates.TARGET_BYTES + 1,
                       eos_id=TOKENIZER.eos_id, pad_id=TOKENIZER.pad_id, mesh=state.mesh)
+    check_finite(result, "date translations")
     return [TOKENIZER.decode(np.asarray(t)) for t in result.tokens]
 
 
@@ -419,7 +433,11 @@ def run(cfg: RunConfig) -> dict:
                disable=not primary)
     window_start, window_tokens = time.perf_counter(), []
     for step in bar:
-        state, metrics = train_step(state, place_batch(task.train_batch(step), mesh))
+        batch = task.train_batch(step)
+        # The host batch's ids and lengths are checked here, before it is placed on devices: an
+        # out-of-range id would otherwise give a NaN loss and a silently skipped update.
+        check_batch(batch, cfg.model, check_values=True)
+        state, metrics = train_step(state, place_batch(batch, mesh))
         window_tokens.append(metrics["tokens"])  # a device scalar: no wait here
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:

@@ -13,16 +13,19 @@ from __future__ import annotations
 import functools
 import math
 
+from collections.abc import Mapping
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-
+from jax.experimental import checkify
 from jax.sharding import Mesh
 
-from jaxdec import sharding
-from jaxdec.api import apply, init_params
-from jaxdec.config import DecoderConfig, TrainConfig
+from jaxdec import checks, sharding
+from jaxdec.api import apply, check_params, init_params
+from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 
 
 @flax.struct.dataclass
@@ -79,21 +82,34 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def create_train_state(model_config: DecoderConfig, train_config: TrainConfig, key: jax.Array,
-                       mesh: Mesh | None = None) -> TrainState:
+                       mesh: Mesh | None = None, params: dict | None = None) -> TrainState:
     """Initial params (from `key`), optimizer state, step 0 and the dropout key.
 
     With a `mesh`, params and optimizer state are created already split by `jaxdec.sharding`'s
     rules (one jit whose out_shardings are those shardings: no device ever holds the whole
     model), and step and key are replicated. The values equal the unsharded ones.
+
+    params: start from these parameters (e.g. converted pretrained weights) instead of a random
+      init; they must be exactly the tree, shapes and floating dtypes `model_config` describes
+      (`jaxdec.api.check_params`, ValueError naming the first mismatched leaf). Not with a mesh.
     """
+    if params is not None:
+        check_params(params, model_config)
+        if mesh is not None:
+            raise ValueError("create_train_state(params=...) starts one device; place the state "
+                             "on a mesh by restoring a checkpoint onto a mesh template")
+        return _init_state(model_config, train_config, None, key, params)
     if mesh is None:
         return _init_state(model_config, train_config, None, key)
     return _sharded_init(model_config, train_config, mesh)(key)
 
 
-def _init_state(model_config, train_config, mesh, key) -> TrainState:
+def _init_state(model_config, train_config, mesh, key, params=None) -> TrainState:
     init_key, dropout_key = jax.random.split(key)
-    params = init_params(model_config, init_key)
+    if params is None:
+        params = init_params(model_config, init_key)
+    else:
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     return TrainState(
         params=params,
         opt_state=make_optimizer(train_config).init(params),
@@ -113,6 +129,77 @@ def _sharded_init(model_config, train_config, mesh):
     return jax.jit(init, in_shardings=sharding.replicated(mesh), out_shardings=shardings)
 
 
+_BATCH_KEYS = ("tokens", "lengths", "source", "source_lengths")
+
+
+def check_batch(batch, model_config, *, check_values: bool | None = None) -> None:
+    """Host checks of a training batch, before anything is compiled or run; ValueError naming
+    the bad key, its shape or dtype and what was expected.
+
+    Shapes and dtypes are static, so they are checked even under an outer jit: keys (only
+    tokens, lengths, source, source_lengths; tokens required, source required by and only
+    accepted for a Seq2SeqConfig), ranks, integer dtypes, one batch size, 2 <= T + 1 and
+    T <= max_len (learned positions past max_len would be silently clipped), S <= max_len.
+
+    check_values: also check token ids in [0, vocab_size) and lengths in range. None (default):
+      only for host (numpy) arrays, where it costs no device round trip; device arrays are not
+      read back (that would stall the step pipeline): use `train_step_checked` for those.
+    """
+    expected = ('expected {"tokens": int32 [B, T+1], "lengths": optional int32 [B]'
+                + (', "source": int32 [B, S], "source_lengths": optional int32 [B]}'
+                   if isinstance(model_config, Seq2SeqConfig) else "}"))
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"a batch must be a dict, got {type(batch).__name__}; {expected}")
+    unknown = [k for k in batch if k not in _BATCH_KEYS]
+    if unknown:
+        raise ValueError(f"batch has unknown key(s) {unknown}; {expected}")
+    if "tokens" not in batch:
+        raise ValueError(f"batch has no \"tokens\" (keys: {sorted(batch)}); {expected}")
+    seq2seq = isinstance(model_config, Seq2SeqConfig)
+    if seq2seq and "source" not in batch:
+        raise ValueError(f"an encoder-decoder batch needs \"source\"; {expected}")
+    if not seq2seq and ("source" in batch or "source_lengths" in batch):
+        raise ValueError(f"source / source_lengths are for a Seq2SeqConfig model; {expected}")
+    tokens = batch["tokens"]
+    checks.check_int_array("batch['tokens']", tokens, 2)
+    B, T1 = np.shape(tokens)
+    if B == 0 or T1 < 2:
+        raise ValueError(f"batch['tokens'] must be [B, T+1] with B >= 1 and T+1 >= 2 (inputs "
+                         f"tokens[:, :-1], targets tokens[:, 1:]), got shape {(B, T1)}")
+    if T1 - 1 > model_config.max_len:
+        raise ValueError(f"batch['tokens'] has shape {(B, T1)}: {T1 - 1} input positions, beyond "
+                         f"the model's max_len={model_config.max_len} (T+1 <= {model_config.max_len + 1})")
+    present = [k for k in _BATCH_KEYS if k in batch]
+    values = check_values if check_values is not None else all(
+        isinstance(batch[k], (np.ndarray, np.generic)) for k in present)
+    if "lengths" in batch:
+        _check_lengths("batch['lengths']", batch["lengths"], B, 0, T1, values)
+    if seq2seq:
+        source = batch["source"]
+        checks.check_int_array("batch['source']", source, 2)
+        if np.shape(source)[0] != B or np.shape(source)[1] == 0:
+            raise ValueError(f"batch['source'] must be int32 [B={B}, S] with S >= 1, got shape "
+                             f"{np.shape(source)}")
+        S = np.shape(source)[1]
+        if S > model_config.max_len:
+            raise ValueError(f"batch['source'] has length {S}, beyond the model's max_len={model_config.max_len}")
+        if "source_lengths" in batch:
+            _check_lengths("batch['source_lengths']", batch["source_lengths"], B, 1, S, values)
+        if values:
+            checks.check_token_ids("batch['source']", source, model_config.vocab_size)
+    if values:
+        checks.check_token_ids("batch['tokens']", tokens, model_config.vocab_size)
+
+
+def _check_lengths(name: str, lengths, batch: int, low: int, high: int, values: bool) -> None:
+    """int [B] lengths; with values, also low <= lengths[b] <= high."""
+    checks.check_int_array(name, lengths, 1)
+    if np.shape(lengths)[0] != batch:
+        raise ValueError(f"{name} must have shape [{batch}] (one per row), got {np.shape(lengths)}")
+    if values:
+        checks.check_lengths(name, lengths, batch, low, high)
+
+
 def target_weights(batch: dict) -> jax.Array:
     """float32 [B, T]: 1 for real targets tokens[:, 1:], 0 for padding."""
     tokens = batch["tokens"]
@@ -120,7 +207,7 @@ def target_weights(batch: dict) -> jax.Array:
     lengths = batch.get("lengths")
     if lengths is None:
         return jnp.ones((B, T1 - 1), jnp.float32)
-    return (jnp.arange(1, T1)[None, :] < lengths[:, None]).astype(jnp.float32)
+    return (jnp.arange(1, T1, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.float32)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -154,7 +241,7 @@ def _sums(logits, batch):
     targets = batch["tokens"][:, 1:]
     weights = target_weights(batch)
     loss_sum = jnp.sum(token_losses(logits, targets) * weights)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights)
     return loss_sum, jnp.sum(weights), correct
 
 
@@ -173,7 +260,15 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
       dropped as non-finite). On a mesh the new state has exactly the shardings the rules give
       (jit out_shardings), so the next step reuses the same compiled program and the donated
       buffers; metrics are replicated.
+
+    Raises:
+      ValueError (before any compute; `check_batch`) for a missing or unknown key, a wrong rank,
+      dtype or batch size, or T > max_len; for a host (numpy) batch also token ids outside
+      [0, vocab_size) and lengths out of range. Device arrays' values are not read back: an
+      out-of-range id there gives a non-finite loss and a skipped update (metrics["skipped"]);
+      `train_step_checked` checks them on the device.
     """
+    check_batch(batch, state.model_config)
     if state.mesh is None:
         return _train_step_jit(state, batch)
     # One jitted step per (mesh, configs): those fix the state's structure and its shardings.
@@ -221,10 +316,40 @@ _train_step_jit = jax.jit(_train_step, donate_argnums=0)
 _sharded_train_steps: dict = {}
 
 
-@jax.jit
+def _checked_train_step(state: TrainState, batch: dict):
+    mc = state.model_config
+    checks.device_checks(batch["tokens"], batch.get("lengths"), mc.vocab_size)
+    if "source" in batch:
+        checks.device_checks(batch["source"], batch.get("source_lengths"), mc.vocab_size)
+    return _train_step(state, batch)
+
+
+_train_step_checked_jit = jax.jit(checkify.checkify(_checked_train_step, errors=checkify.user_checks))
+
+
+def train_step_checked(state: TrainState, batch: dict):
+    """`train_step` with the batch's value checks compiled in (checkify), for your own loops over
+    device arrays: token ids in [0, vocab_size) and lengths in range, checked on the device.
+
+    Returns (error, new_state, metrics). `error.throw()` raises (a checkify JaxRuntimeError naming
+    the check) if a check failed; `error.get()` is None otherwise. The state is not donated: on
+    an error, keep the state you passed in (the returned one has taken a step on bad data).
+    """
+    check_batch(batch, state.model_config)
+    error, (new_state, metrics) = _train_step_checked_jit(state, batch)
+    return error, new_state, metrics
+
+
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Held-out metrics without dropout: loss (nats/token), bits_per_token, accuracy, and the
-    sums (loss_sum, tokens, correct) for averaging over batches of different sizes."""
+    sums (loss_sum, tokens, correct) for averaging over batches of different sizes. The batch is
+    checked as in `train_step` (ValueError before any compute)."""
+    check_batch(batch, state.model_config)
+    return _eval_step_jit(state, batch)
+
+
+@jax.jit
+def _eval_step_jit(state: TrainState, batch: dict) -> dict:
     batch = sharding.constrain(batch, state.mesh, sharding.batch_axes)
     logits = _logits(state.params, state.model_config, state.train_config, batch, None)
     loss_sum, count, correct = _sums(logits, batch)

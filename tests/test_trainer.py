@@ -97,3 +97,41 @@ def test_cli_refuses_unknown_flags_and_bad_data():
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0
     assert "/no/such/dir" in missing.stderr
+
+
+def test_out_of_range_ids_in_the_data_path_are_refused(tmp_path, monkeypatch):
+    """A batch id >= vocab_size would give a NaN loss and a silently skipped update: the run's
+    data path refuses it before the step."""
+    import numpy as np
+
+    from jaxdec import trainer
+
+    def bad_batch(self, step):
+        tokens = np.full((4, 17), 7, np.int32)
+        tokens[2, 5] = 300
+        return {"tokens": tokens}
+
+    monkeypatch.setattr(trainer.LMTask, "train_batch", bad_batch)
+    monkeypatch.setattr(trainer, "train_step", lambda *a: pytest.fail("the step ran on bad data"))
+    with pytest.raises(ValueError, match=r"batch\['tokens'\] holds token id 300, outside \[0, vocab_size=259\)"):
+        run(_cfg(tmp_path, checkpoint_every=0))
+
+
+def test_samples_from_non_finite_params_raise(monkeypatch):
+    """NaN parameters make every logit NaN; the trainer's samples must say so, not print the
+    tokens argmax picks from NaN."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxdec import trainer
+    from jaxdec.training import create_train_state
+
+    cfg = DecoderConfig(vocab_size=259, num_layers=1, d_model=32, num_heads=2, max_len=32)
+    state = create_train_state(cfg, TrainConfig(warmup_steps=2, decay_steps=20), jax.random.key(0))
+    prompts = [np.array([1, 70, 71], np.int32), np.array([1, 72], np.int32)]
+    assert len(trainer.sample_texts(state, prompts, 4, jax.random.key(1))) == 2
+    nan_params = dict(state.params, embed=state.params["embed"].at[70].set(jnp.nan))
+    # Tied head: the NaN embedding row is also a NaN logit column, so both rows are flagged.
+    with pytest.raises(FloatingPointError, match=r"NaN or inf for row\(s\) \[0, 1\] of 2"):
+        trainer.sample_texts(state.replace(params=nan_params), prompts, 4, jax.random.key(1))

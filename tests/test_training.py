@@ -169,3 +169,83 @@ def test_train_config_validation():
         jaxdec.TrainConfig(dropout=1.0)
     with pytest.raises(ValueError, match="dtype"):
         jaxdec.TrainConfig(dtype="float16")
+
+
+# --- bad batches: ValueError before any compute; the checked step ------------------------------
+
+_TOKENS = np.ones((2, 9), np.int32)
+_BAD_BATCHES = {
+    "not_a_dict": ([_TOKENS], "dict"),
+    "no_tokens": ({"inputs": _TOKENS}, "tokens"),
+    "typo_key": ({"tokens": _TOKENS, "lenghts": np.array([9, 9], np.int32)}, "lenghts"),
+    "float_tokens": ({"tokens": _TOKENS.astype(np.float32)}, "integer"),
+    "rank_1_tokens": ({"tokens": _TOKENS[0]}, "rank 2"),
+    "one_column": ({"tokens": _TOKENS[:, :1]}, "T\\+1 >= 2"),
+    "beyond_max_len": ({"tokens": np.ones((2, MC.max_len + 2), np.int32)}, "max_len=32"),
+    "lengths_shape": ({"tokens": _TOKENS, "lengths": np.array([9, 9, 9], np.int32)}, r"shape \[2\]"),
+    "float_lengths": ({"tokens": _TOKENS, "lengths": np.array([9.0, 9.0])}, "lengths"),
+    "lengths_too_long": ({"tokens": _TOKENS, "lengths": np.array([10, 9], np.int32)}, "10"),
+    "id_too_big": ({"tokens": np.where(np.arange(9) == 3, 32, _TOKENS).astype(np.int32)}, "token id 32"),
+    "negative_id": ({"tokens": np.where(np.arange(9) == 3, -1, _TOKENS).astype(np.int32)}, "token id -1"),
+    "source_for_decoder": ({"tokens": _TOKENS, "source": _TOKENS}, "Seq2SeqConfig"),
+}
+
+
+@pytest.mark.parametrize("batch, match", _BAD_BATCHES.values(), ids=_BAD_BATCHES.keys())
+def test_bad_batches_are_refused_before_compute(batch, match, monkeypatch):
+    def no_compute(*args, **kwargs):
+        raise AssertionError("reached the compiled step")
+
+    for name in ("_train_step_jit", "_eval_step_jit", "_train_step_checked_jit"):
+        monkeypatch.setattr(training, name, no_compute)
+    state = _state()
+    for step in (jaxdec.train_step, jaxdec.eval_step, training.train_step_checked):
+        with pytest.raises(ValueError, match=match):
+            step(state, batch)
+
+
+def test_max_len_inputs_are_accepted_and_one_more_is_refused(monkeypatch):
+    # T + 1 = max_len + 1 tokens feed positions 0 .. max_len - 1: the longest valid batch.
+    monkeypatch.setattr(training, "_train_step_jit", lambda state, batch: "compiled step reached")
+    state = _state()
+    assert jaxdec.train_step(state, {"tokens": np.ones((2, MC.max_len + 1), np.int32)}) == (
+        "compiled step reached")
+    with pytest.raises(ValueError, match="beyond the model's max_len"):
+        jaxdec.train_step(state, {"tokens": np.ones((2, MC.max_len + 2), np.int32)})
+
+
+def test_shape_checks_run_under_an_outer_jit():
+    state = _state()
+    with pytest.raises(ValueError, match="max_len"):
+        jax.jit(jaxdec.eval_step)(state, {"tokens": jnp.ones((2, MC.max_len + 2), jnp.int32)})
+
+
+def test_checked_step_finds_out_of_range_ids_in_device_arrays():
+    """A device batch with an id >= vocab_size: train_step itself does not read values back (its
+    loss is NaN and the update is skipped); train_step_checked reports the bad id."""
+    from jax.experimental import checkify
+
+    batch = _batch(jax.random.key(30), lengths=[17, 9, 2, 12])
+    error, state, metrics = training.train_step_checked(_state(), batch)
+    assert error.get() is None
+    _, plain = jaxdec.train_step(_state(), batch)
+    np.testing.assert_allclose(float(metrics["loss"]), float(plain["loss"]), rtol=1e-6)
+    assert int(state.step) == 1
+    for bad in (MC.vocab_size, -1):
+        error, _, _ = training.train_step_checked(_state(), dict(batch, tokens=batch["tokens"].at[2, 5].set(bad)))
+        assert "token ids must lie in [0, vocab_size=32)" in error.get()
+        with pytest.raises(checkify.JaxRuntimeError, match="token ids"):
+            error.throw()
+    error, _, _ = training.train_step_checked(_state(), dict(batch, lengths=batch["lengths"].at[0].set(18)))
+    assert "lengths must lie in [0, 17]" in error.get()
+
+
+def test_create_train_state_from_params_checks_them():
+    params = jaxdec.init_params(MC, jax.random.key(5))
+    state = jaxdec.create_train_state(MC, TC, jax.random.key(0), params=params)
+    chex.assert_trees_all_equal(state.params, params)
+    wrong = jaxdec.init_params(dataclasses.replace(MC, d_model=16), jax.random.key(5))
+    with pytest.raises(ValueError, match=r"params\['embed'\] has shape \(32, 16\)"):
+        jaxdec.create_train_state(MC, TC, jax.random.key(0), params=wrong)
+    with pytest.raises(ValueError, match="head"):
+        jaxdec.create_train_state(MC, TC, jax.random.key(0), params={**params, "head": params["embed"].T})
