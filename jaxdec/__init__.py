@@ -1,11 +1,34 @@
-"""jaxdec: small, fast, correct JAX Transformer decoders."""
+"""jaxdec: small, fast, correct JAX Transformer decoders.
 
-from jaxdec.api import forward, forward_checked, init_params
+Shape letters, used in every einsum string, shape comment and docstring (one letter, one
+meaning everywhere):
+
+    B  batch                          N  query heads
+    T  query length                   K  key/value heads (GQA/MQA: N % K == 0)
+    S  key length: cache capacity,    G  query heads per key/value head (N // K)
+       or the encoder's source length H  head dim
+    P  prompt length (padded width)   D  model dim
+    C  prefill chunk length           F  MLP hidden dim
+    L  layers                         V  vocabulary
+    W  beam width (beam search only)
+
+Counts without a letter are spelled out (max_new_tokens, capacity, width). Boolean masks are
+True where attention is allowed. Example: `jnp.einsum("BTNH,BSNH->BNTS", q, k)`.
+
+Public API: configs (DecoderConfig, Seq2SeqConfig, TrainConfig), `init_params`, `forward`,
+`generate` and `beam_search` with samplers (Greedy, Temperature, TopK, TopP, or any `Sampler`),
+training (`create_train_state`, `train_step`, `eval_step`) and sharding (`make_mesh`,
+`shard_params`, `shard_batch`). Each model family (decoder-only `model`, encoder-decoder
+`seq2seq`) is reached through `jaxdec.family.of(config)`; Hugging Face checkpoints through
+`jaxdec.hf`.
+"""
+
+from jaxdec.api import check_params, forward, forward_checked, init_params
 from jaxdec.beam import beam_search
 from jaxdec.cache import KVCache
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.decode import DecodeState, GenerateResult, generate
-from jaxdec.sampling import Greedy, Temperature, TopK, TopP
+from jaxdec.sampling import Greedy, Sampler, Temperature, TopK, TopP
 from jaxdec.sharding import make_mesh, shard_batch, shard_params
 from jaxdec.training import TrainState, create_train_state, eval_step, train_step
 
@@ -15,6 +38,7 @@ __all__ = [
     "GenerateResult",
     "Greedy",
     "KVCache",
+    "Sampler",
     "Seq2SeqConfig",
     "Temperature",
     "TopK",
@@ -23,6 +47,7 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "beam_search",
+    "check_params",
     "eval_step",
     "forward",
     "forward_checked",

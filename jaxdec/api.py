@@ -1,7 +1,8 @@
-"""Public entry points shared by the model families, dispatching on the config's type.
+"""Public entry points shared by the model families; each reaches its model through
+`family.of(config)`.
 
-`init_params`, `forward` (host-checked) and `apply` (traceable, unchecked) accept a
-DecoderConfig (decoder-only LM) or a Seq2SeqConfig (encoder-decoder).
+`init_params`, `forward` (host-checked) and `apply` (traceable, unchecked) accept any registered
+config: a DecoderConfig (decoder-only LM) or a Seq2SeqConfig (encoder-decoder).
 """
 
 from __future__ import annotations
@@ -10,35 +11,66 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
-from jaxdec import checks, model, seq2seq
+from jaxdec import checks, family, model, seq2seq  # noqa: F401  (importing registers the families)
 from jaxdec.config import DecoderConfig, Seq2SeqConfig
 
 ModelConfig = DecoderConfig | Seq2SeqConfig
 
 
-def check_config(config) -> None:
-    if not isinstance(config, (DecoderConfig, Seq2SeqConfig)):
-        raise ValueError(f"config must be a DecoderConfig or Seq2SeqConfig, got {type(config).__name__}")
+def check_config(config) -> family.Family:
+    """The config's family; ValueError for anything that is not a model config."""
+    return family.of(config)
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> dict:
     """Random float32 parameters for `config` (layouts: `model.init_decoder_params`,
     `seq2seq.init_seq2seq_params`)."""
-    check_config(config)
-    if isinstance(config, Seq2SeqConfig):
-        return seq2seq.init_seq2seq_params(config, key)
-    return model.init_decoder_params(config, key)
+    return check_config(config).init(config, key)
+
+
+@functools.lru_cache(maxsize=64)
+def expected_params(config: ModelConfig):
+    """The params pytree `config` needs, as jax.ShapeDtypeStruct leaves (nothing computed)."""
+    return jax.eval_shape(lambda key: family.of(config).init(config, key), jax.random.key(0))
+
+
+def _path(path) -> str:
+    return "params" + jax.tree_util.keystr(path)
+
+
+def check_params(params, config: ModelConfig) -> None:
+    """Raises ValueError, naming the first mismatched leaf, unless `params` has exactly the tree,
+    shapes and a floating dtype of the params that `config` describes. Runs on the host, on
+    shapes only (tracers and sharded arrays pass through unread)."""
+    want = expected_params(config)
+    want_leaves = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    got_leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, spec in want_leaves.items():
+        if path not in got_leaves:
+            raise ValueError(f"{_path(path)} is missing: {type(config).__name__} needs it with shape "
+                             f"{tuple(spec.shape)}")
+        got = got_leaves[path]
+        shape = tuple(np.shape(got))
+        if shape != tuple(spec.shape):
+            raise ValueError(f"{_path(path)} has shape {shape}, but the config needs {tuple(spec.shape)} "
+                             "(params and config describe different models)")
+        dtype = jnp.result_type(got)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{_path(path)} has dtype {dtype}, expected a floating dtype")
+    extra = [p for p in got_leaves if p not in want_leaves]
+    if extra:
+        raise ValueError(f"{_path(extra[0])} is not a parameter of this {type(config).__name__} "
+                         "(params and config describe different models)")
 
 
 def apply(params, config, tokens, lengths, *, source=None, source_lengths=None,
           dropout_rate: float = 0.0, rng=None) -> jax.Array:
     """Traceable teacher-forcing forward pass with no host checks: logits float32 [B, T, V]."""
-    if isinstance(config, Seq2SeqConfig):
-        return seq2seq.seq2seq_logits(params, config, tokens, lengths, source, source_lengths,
-                                      dropout_rate, rng)
-    return model.decoder_logits(params, config, tokens, lengths, dropout_rate, rng)
+    return family.of(config).forward(params, config, tokens, lengths, source, source_lengths,
+                                     dropout_rate, rng)
 
 
 _apply_jit = jax.jit(apply, static_argnames=("config", "dropout_rate"))
@@ -46,12 +78,14 @@ _apply_jit = jax.jit(apply, static_argnames=("config", "dropout_rate"))
 
 def check_source(config, source, source_lengths):
     """Host checks of the encoder input; returns source_lengths as int32 [B]."""
-    if not isinstance(config, Seq2SeqConfig):
+    if not family.of(config).takes_source:
         if source is not None or source_lengths is not None:
-            raise ValueError("source / source_lengths are for a Seq2SeqConfig model, got a DecoderConfig")
+            raise ValueError(f"source / source_lengths are for an encoder-decoder model, got a "
+                             f"{type(config).__name__}")
         return None
     if source is None:
-        raise ValueError("an encoder-decoder model needs source=int32 [B, S] (and source_lengths)")
+        raise ValueError(f"an encoder-decoder model ({type(config).__name__}) needs source=int32 "
+                         "[B, S] (and source_lengths)")
     checks.check_sequence("source", source, config.vocab_size, config.max_len)
     B, S = jnp.shape(source)
     if source_lengths is None:
@@ -60,8 +94,9 @@ def check_source(config, source, source_lengths):
     return jnp.asarray(source_lengths, jnp.int32)
 
 
-def _check_forward_args(config, tokens, lengths):
+def _check_forward_args(params, config, tokens, lengths):
     check_config(config)
+    check_params(params, config)
     checks.check_sequence("tokens", tokens, config.vocab_size, config.max_len)
     B, T = tokens.shape
     if lengths is None:
@@ -87,13 +122,14 @@ def forward(params, config: ModelConfig, tokens, lengths=None, *, source=None, s
       float32 [B, T, V] logits; logits[:, t] predicts token t + 1.
 
     Raises:
-      ValueError (before any compute) for a wrong rank or dtype, an empty batch, T > max_len,
+      ValueError (before any compute) for params whose tree or shapes differ from the config's,
+      a wrong rank or dtype, an empty batch, T > max_len,
       ids outside [0, vocab_size) or lengths outside [0, T]. Under an outer jit the value checks
       cannot run: use `forward_checked`.
     """
     tokens, lengths = checks.as_array(tokens), checks.as_array(lengths)
     source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
-    lengths = _check_forward_args(config, tokens, lengths)
+    lengths = _check_forward_args(params, config, tokens, lengths)
     source_lengths = check_source(config, source, source_lengths)
     if source is not None:
         if jnp.shape(source)[0] != tokens.shape[0]:
@@ -119,6 +155,8 @@ def forward_checked(params, config: DecoderConfig, tokens, lengths=None):
 
     Returns (error, logits); `error.throw()` raises if a token id or length is out of range.
     """
+    check_config(config)
+    check_params(params, config)
     if lengths is None:
         lengths = jnp.full(jnp.shape(tokens)[:1], jnp.shape(tokens)[1], jnp.int32)
     return _forward_checked(params, config, tokens, lengths)

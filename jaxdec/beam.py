@@ -19,40 +19,21 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxdec import api, model, seq2seq, sharding
-from jaxdec import cache as kv_cache
-from jaxdec.cache import KVCache
-from jaxdec.decode import GenerateResult, _prefill_and_step, prepare_inputs
-from jaxdec.sampling import Greedy
+from jaxdec import checks, family, sampling, sharding
+from jaxdec.decode import GenerateResult, prefill_and_step, prepare_inputs
+from jaxdec.sampling import Greedy, Sampler
 
 NEG_INF = -1.0e9  # finite "impossible" score: keeps arithmetic NaN-free
 
 
-def _select_rows(cache, rows: jax.Array):
-    """Reorders the batch rows of a decode cache (KVCache or Seq2SeqCache) by rows int32 [R],
-    touching only its filled slots."""
-    if isinstance(cache, seq2seq.Seq2SeqCache):
-        return cache.replace(self_kv=_select_rows(cache.self_kv, rows))
-    assert isinstance(cache, KVCache)
-    return kv_cache.select_rows(cache, rows, model.BLOCK_SIZE)
-
-
-def _repeat_rows(tree, n: int):
-    """Repeats every example n times along the batch axis of a decode cache: B -> B * n."""
-    if isinstance(tree, seq2seq.Seq2SeqCache):
-        cross = None if tree.cross is None else tree.cross.repeat(n)
-        return tree.replace(self_kv=_repeat_rows(tree.self_kv, n), cross=cross)
-    return tree.replace(k=jnp.repeat(tree.k, n, axis=1), v=jnp.repeat(tree.v, n, axis=1),
-                        starts=jnp.repeat(tree.starts, n, axis=0))
-
-
 @flax.struct.dataclass
 class BeamState:
-    """Loop carry. B examples x W beams; N = max_new_tokens.
+    """Loop carry. B examples x W beams of up to max_new_tokens tokens.
 
-    cache: decode cache of B * W rows; running_tokens int32 [B, W, N]; running_scores float32
-    [B, W] (summed log-probs); finished_tokens int32 [B, W, N]; finished_scores float32 [B, W]
-    (length-normalised, NEG_INF where empty); finished_lengths int32 [B, W]; done bool [B].
+    cache: decode cache of B * W rows; running_tokens int32 [B, W, max_new_tokens]; running_scores float32
+    [B, W] (summed log-probs); finished_tokens int32 [B, W, max_new_tokens]; finished_scores float32 [B, W]
+    (length-normalised, NEG_INF where empty); finished_lengths int32 [B, W]; done bool [B];
+    nonfinite bool [B] (a live beam's logits held NaN or inf); key: PRNG key of the next draw.
     """
 
     cache: object
@@ -62,26 +43,34 @@ class BeamState:
     finished_scores: jax.Array
     finished_lengths: jax.Array
     done: jax.Array
+    nonfinite: jax.Array
+    key: jax.Array
 
 
-def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, eos_id,
+def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, sampler, eos_id,
                  length_penalty: float, early_stopping: bool, max_new_tokens: int):
     """Ranks continuations for new-token index t; returns the new state and the parent rows.
 
     log_probs: float32 [B, W, V] of each running beam's next token.
     """
     B, W, V = log_probs.shape
-    N = max_new_tokens
     candidates = (state.running_scores[:, :, None] + log_probs).reshape(B, W * V)
-    top_scores, top_ids = jax.lax.top_k(candidates, 2 * W)  # [B, 2W], best first
+    key, sub = jax.random.split(state.key)
+    # The sampler draws 2W distinct continuations from the W x V candidates (Greedy: the 2W
+    # best, as Hugging Face's num_beams search); the rules below want them best first.
+    drawn = sampling.draw(sampler, candidates, sub, 2 * W)  # [B, 2W]
+    drawn_scores = jnp.take_along_axis(candidates, drawn, axis=1)
+    order = jnp.argsort(-drawn_scores, axis=1, stable=True)
+    top_ids = jnp.take_along_axis(drawn, order, axis=1)
+    top_scores = jnp.take_along_axis(drawn_scores, order, axis=1)
     parents = top_ids // V  # [B, 2W] beam index
     tokens = (top_ids % V).astype(jnp.int32)
-    seqs = jnp.take_along_axis(state.running_tokens, parents[:, :, None], axis=1)  # [B, 2W, N]
+    seqs = jnp.take_along_axis(state.running_tokens, parents[:, :, None], axis=1)  # [B, 2W, max_new_tokens]
     seqs = jax.lax.dynamic_update_slice_in_dim(seqs, tokens[:, :, None], t, axis=2)
 
     # Finishing: an eos among the top W (or any top-W continuation at the last step).
     is_eos = tokens == eos_id
-    last = t == N - 1
+    last = t == max_new_tokens - 1
     finishing = (is_eos | last) & (jnp.arange(2 * W)[None, :] < W) & ~state.done[:, None]
     length = (t + 1).astype(jnp.float32) if isinstance(t, jax.Array) else float(t + 1)
     new_scores = jnp.where(finishing, top_scores / length**length_penalty, NEG_INF)
@@ -113,6 +102,8 @@ def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, 
         finished_scores=fin_scores,
         finished_lengths=fin_lengths,
         done=done,
+        nonfinite=state.nonfinite,
+        key=key,
     )
     rows = (jnp.arange(B)[:, None] * W + run_parents).reshape(B * W)
     return new, rows, run_tokens[:, :, t].reshape(B * W)
@@ -121,50 +112,56 @@ def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, 
 @functools.partial(
     jax.jit,
     static_argnames=("config", "beam_size", "max_new_tokens", "capacity", "length_penalty",
-                     "early_stopping", "mesh"),
+                     "early_stopping", "sampler", "mesh"),
 )
-def _beam_search(params, config, prompts, lengths, source, source_lengths, eos_id, pad_id, *,
-                 beam_size, max_new_tokens, capacity, length_penalty, early_stopping, mesh=None):
-    B, W, N = prompts.shape[0], beam_size, max_new_tokens
+def _beam_search(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id, *,
+                 beam_size, max_new_tokens, capacity, length_penalty, early_stopping, sampler, mesh=None):
+    B, W, new = prompts.shape[0], beam_size, max_new_tokens
+    fam = family.of(config)
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
         mesh, params, (prompts, lengths, source, source_lengths))
-    logits, cache, step = _prefill_and_step(params, config, prompts, lengths, capacity, source,
-                                            source_lengths, use_cache=True, cache_cross=True)
+    logits, cache, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
+                                           source_lengths, use_cache=True)
     step = sharding.sharded_step(step, mesh)
     state = BeamState(
-        cache=sharding.constrain_caches(_repeat_rows(cache, W), mesh),
-        running_tokens=jnp.full((B, W, N), pad_id, jnp.int32),
+        cache=sharding.constrain_caches(fam.repeat_rows(cache, W), mesh),
+        running_tokens=jnp.full((B, W, new), pad_id, jnp.int32),
         # Only beam 0 is live at first, so the W beams do not start as W copies.
         running_scores=jnp.tile(jnp.array([0.0] + [NEG_INF] * (W - 1), jnp.float32), (B, 1)),
-        finished_tokens=jnp.full((B, W, N), pad_id, jnp.int32),
+        finished_tokens=jnp.full((B, W, new), pad_id, jnp.int32),
         finished_scores=jnp.full((B, W), NEG_INF, jnp.float32),
         finished_lengths=jnp.zeros((B, W), jnp.int32),
         done=jnp.zeros((B,), bool),
+        nonfinite=~jnp.all(jnp.isfinite(logits), axis=-1),
+        key=key,
     )
     log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
     log_probs = jnp.broadcast_to(log_probs[:, None], (B, W, log_probs.shape[-1]))
-    update = functools.partial(_beam_update, eos_id=eos_id, length_penalty=length_penalty,
-                               early_stopping=early_stopping, max_new_tokens=N)
+    update = functools.partial(_beam_update, sampler=sampler, eos_id=eos_id, length_penalty=length_penalty,
+                               early_stopping=early_stopping, max_new_tokens=new)
     state, rows, last_tokens = update(state, log_probs, 0)
     positions = jnp.repeat(lengths, W)
 
     def running(carry):
         t, state, _, _ = carry
         # Once every example is done its finished set is final: the loop ends.
-        return (t < N) & ~jnp.all(state.done)
+        return (t < new) & ~jnp.all(state.done)
 
     def body(carry):
         t, state, rows, last_tokens = carry
-        cache = _select_rows(state.cache, rows)
+        cache = fam.select_rows(state.cache, rows)
         logits, cache = step(params, config, cache, last_tokens, positions + t - 1)
+        bad = ~jnp.all(jnp.isfinite(logits.reshape(B, -1)), axis=-1) & ~state.done
         log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(B, W, -1)
-        return (t + 1, *update(state.replace(cache=cache), log_probs, t))
+        state = state.replace(cache=cache, nonfinite=state.nonfinite | bad)
+        return (t + 1, *update(state, log_probs, t))
 
     _, state, _, _ = jax.lax.while_loop(running, body, (jnp.ones((), jnp.int32), state, rows, last_tokens))
-    best = state.finished_tokens[:, 0]  # [B, N]
+    best = state.finished_tokens[:, 0]  # [B, max_new_tokens]
     best_len = state.finished_lengths[:, 0]
-    best = jnp.where(jnp.arange(N)[None, :] < best_len[:, None], best, pad_id)
-    return GenerateResult(tokens=best, lengths=best_len, logits=None), state.finished_scores[:, 0]
+    best = jnp.where(jnp.arange(new)[None, :] < best_len[:, None], best, pad_id)
+    return (GenerateResult(tokens=best, lengths=best_len, logits=None, nonfinite=state.nonfinite),
+            state.finished_scores[:, 0])
 
 
 def beam_search(
@@ -182,29 +179,33 @@ def beam_search(
     eos_id: int | None = None,
     pad_id: int = 0,
     capacity: int | None = None,
+    sampler: Sampler = Greedy(),
+    key: jax.Array | None = None,
     mesh=None,
 ) -> tuple[GenerateResult, jax.Array]:
     """The best of `beam_size` beams per example, as Hugging Face's num_beams search.
 
-    Args: as `generate` (prompts int32 [B, P], prompt_lengths, source/source_lengths for a
-      Seq2SeqConfig), plus beam_size W >= 1, length_penalty (exponent of the length in the score
-      normalisation; > 0 favours longer outputs), early_stopping (stop an example as soon as W
-      hypotheses have finished), mesh (as `generate`: the placed params' mesh, or None).
+    Args: as `generate` (params matching config, prompts int32 [B, P], prompt_lengths,
+      source/source_lengths for a Seq2SeqConfig), plus beam_size W >= 1, length_penalty
+      (exponent of the length in the score normalisation; > 0 favours longer outputs),
+      early_stopping (stop an example as soon as W hypotheses have finished), sampler and key
+      (the 2W continuations ranked each step are drawn by the sampler, without replacement, from
+      the W x V candidates' summed log-probabilities: Greedy, the default, takes the 2W best, a
+      stochastic or user-written sampler gives a sampled beam search; see `sampling.draw`),
+      mesh (as `generate`: the placed params' mesh, or None).
 
     Returns:
       GenerateResult(tokens int32 [B, max_new_tokens] (pad_id after the hypothesis), lengths
-      int32 [B]) and the best hypotheses' scores float32 [B].
+      int32 [B], nonfinite bool [B]) and the best hypotheses' scores float32 [B].
     """
-    api.check_config(config)
-    if not isinstance(beam_size, int) or beam_size < 1:
-        raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}")
+    checks.positive_int("beam_size", beam_size)
+    inputs, capacity = prepare_inputs(params, config, prompts, prompt_lengths, source, source_lengths,
+                                      max_new_tokens, capacity, sampler, key, eos_id, pad_id)
     if beam_size * 2 > config.vocab_size:
         raise ValueError(f"beam_size {beam_size} needs 2 * beam_size <= vocab_size={config.vocab_size}")
-    inputs, capacity = prepare_inputs(config, prompts, prompt_lengths, source, source_lengths,
-                                      max_new_tokens, capacity, Greedy(), None, eos_id, pad_id)
     return _beam_search(
-        params, config, inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths,
-        inputs.eos_id, inputs.pad_id, beam_size=beam_size, max_new_tokens=max_new_tokens,
+        params, config, inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths, inputs.key,
+        inputs.eos_id, inputs.pad_id, beam_size=int(beam_size), max_new_tokens=max_new_tokens,
         capacity=capacity, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
-        mesh=mesh,
+        sampler=sampler, mesh=mesh,
     )

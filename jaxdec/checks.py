@@ -38,6 +38,35 @@ def as_step(step) -> int:
     return value
 
 
+def is_int(value) -> bool:
+    """A Python or numpy integer scalar; bool is not an int here."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def positive_int(name: str, value, minimum: int = 1) -> int:
+    """`value` as a Python int >= minimum (int or numpy integer, never bool); else ValueError."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_sampler(sampler, batch: int, vocab_size: int) -> None:
+    """A sampler is hashable (a static argument to jit), has a bool `stochastic` attribute, and
+    maps (logits float32 [B, V], key) to int [B]; checked on shapes only (jax.eval_shape)."""
+    if not callable(sampler) or not isinstance(getattr(sampler, "stochastic", None), bool):
+        raise ValueError("sampler must be callable as sampler(logits [B, V] float32, key) -> int32 [B] "
+                         f"and have a bool attribute `stochastic`, got {sampler!r}")
+    try:
+        hash(sampler)
+    except TypeError:
+        raise ValueError(f"sampler must be hashable (e.g. a frozen dataclass), got {sampler!r}") from None
+    logits = jax.ShapeDtypeStruct((batch, vocab_size), jnp.float32)
+    out = jax.eval_shape(sampler, logits, jax.random.key(0))
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != (batch,) or not jnp.issubdtype(out.dtype, jnp.integer):
+        raise ValueError(f"sampler {sampler!r} must return one integer token per row, int32 [{batch}], "
+                         f"got {out}")
+
+
 def check_int_array(name: str, x, ndim: int) -> None:
     """Rank and integer dtype (bool excluded)."""
     shape = np.shape(x)

@@ -3,10 +3,10 @@ emitted eos), carrying a named DecodeState.
 
 The loop (`decode_loop`) knows the model only through a step function
 `step_fn(params, state_cache, tokens [B], positions [B]) -> (logits [B, V], state_cache)`,
-so the same loop runs the cached path (a KVCache), the uncached baseline (a token buffer) and the
-encoder-decoder. `generate` validates input on the host, pads prompts to a width fixed by
-(capacity, max_new_tokens) so prompt contents and lengths never recompile, and runs prefill plus
-the loop as one XLA program.
+so the same loop runs the cached path, the uncached baseline and every model family.
+`generate` reaches the model only through its family (`family.of(config)`: prefill and step),
+validates input on the host, pads prompts to a width fixed by (capacity, max_new_tokens) so
+prompt contents and lengths never recompile, and runs prefill plus the loop as one XLA program.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import cache as kv_cache
-from jaxdec import api, checks, model, seq2seq, sharding
+from jaxdec import api, checks, family, sharding
 from jaxdec.config import DecoderConfig, Seq2SeqConfig
-from jaxdec.sampling import Greedy, Sampler, Temperature, TopK, TopP
+from jaxdec.sampling import Greedy, Sampler
 
 
 @flax.struct.dataclass
@@ -39,6 +39,7 @@ class DecodeState:
       step: int32 [], index of the next token to sample (1 .. max_new_tokens - 1).
       out_tokens: int32 [B, max_new_tokens], the tokens so far (pad_id beyond).
       out_logits: float32 [B, max_new_tokens, V] of each sampled token (zeros beyond), or None.
+      nonfinite: bool [B], a logit this row sampled from was NaN or inf.
     """
 
     cache: Any
@@ -49,6 +50,7 @@ class DecodeState:
     key: jax.Array
     step: jax.Array
     out_tokens: jax.Array
+    nonfinite: jax.Array
     out_logits: jax.Array | None = None
 
 
@@ -57,11 +59,19 @@ class GenerateResult:
     """tokens int32 [B, max_new_tokens] (pad_id after an example's eos); lengths int32 [B];
     logits float32 [B, max_new_tokens, V] that each token was sampled from (if requested; after
     an example's eos they are the model's logits after the fed pad_id, as in Hugging Face, and
-    unused; zeros at the steps after every example has stopped, which are skipped)."""
+    unused; zeros at the steps after every example has stopped, which are skipped);
+    nonfinite bool [B]: a logit that row's tokens were sampled from was NaN or inf (broken
+    params or overflow), so its tokens are meaningless; None only where nothing was checked."""
 
     tokens: jax.Array
     lengths: jax.Array
     logits: jax.Array | None = None
+    nonfinite: jax.Array | None = None
+
+
+def _nonfinite_rows(logits: jax.Array) -> jax.Array:
+    """bool [B]: the row of logits [B, V] holds a NaN or an inf."""
+    return ~jnp.all(jnp.isfinite(logits), axis=-1)
 
 
 StepFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -80,7 +90,6 @@ def decode_loop(
     eos_id: jax.Array,
     pad_id: jax.Array,
     return_logits: bool = False,
-    cache_cross: bool = True,
 ) -> GenerateResult:
     """Samples max_new_tokens tokens per example in one `lax.while_loop`.
 
@@ -111,6 +120,7 @@ def decode_loop(
         key=key,
         step=jnp.ones((), jnp.int32),
         out_tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first),
+        nonfinite=_nonfinite_rows(first_logits),
         out_logits=out_logits,
     )
 
@@ -133,42 +143,35 @@ def decode_loop(
             key=key,
             step=state.step + 1,
             out_tokens=jax.lax.dynamic_update_slice_in_dim(state.out_tokens, token[:, None], state.step, axis=1),
+            nonfinite=state.nonfinite | (~state.done & _nonfinite_rows(logits)),
             out_logits=out_logits,
         )
 
     final = jax.lax.while_loop(running, body, state)
-    return GenerateResult(tokens=final.out_tokens, lengths=final.lengths, logits=final.out_logits)
+    return GenerateResult(tokens=final.out_tokens, lengths=final.lengths, logits=final.out_logits,
+                          nonfinite=final.nonfinite)
 
 
-def _prefill_and_step(params, config, tokens, lengths, capacity, source, source_lengths,
-                      use_cache: bool, cache_cross: bool):
-    """The model family's prefill, run now, and its step function for the loop."""
-    if isinstance(config, Seq2SeqConfig):
-        if use_cache:
-            logits, state = seq2seq.prefill(params, config, tokens, lengths, capacity, source,
-                                            source_lengths, cache_cross)
-            return logits, state, seq2seq.decode_step
-        logits, state = seq2seq.prefill_uncached(params, config, tokens, lengths, capacity, source,
-                                                 source_lengths)
-        return logits, state, seq2seq.recompute_step
-    if use_cache:
-        logits, state = model.prefill(params, config, tokens, lengths, capacity)
-        return logits, state, model.decode_step
-    logits, state = model.prefill_uncached(params, config, tokens, lengths, capacity)
-    return logits, state, model.recompute_step
+def prefill_and_step(params, config, tokens, lengths, capacity, source, source_lengths, use_cache: bool):
+    """The model family's prefill, run now, and its step function for the loop (cached, or the
+    uncached baseline)."""
+    fam = family.of(config)
+    prefill, step = (fam.prefill, fam.step) if use_cache else (fam.prefill_uncached, fam.recompute_step)
+    logits, state = prefill(params, config, tokens, lengths, capacity, source, source_lengths)
+    return logits, state, step
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "sampler", "max_new_tokens", "capacity", "use_cache", "cache_cross",
-                     "return_logits", "mesh"),
+    static_argnames=("config", "sampler", "max_new_tokens", "capacity", "use_cache", "return_logits",
+                     "mesh"),
 )
 def _generate(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id, *,
-              sampler, max_new_tokens, capacity, use_cache, cache_cross, return_logits, mesh=None):
+              sampler, max_new_tokens, capacity, use_cache, return_logits, mesh=None):
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
         mesh, params, (prompts, lengths, source, source_lengths))
-    logits, state, step = _prefill_and_step(params, config, prompts, lengths, capacity, source,
-                                            source_lengths, use_cache, cache_cross)
+    logits, state, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
+                                           source_lengths, use_cache)
     step = sharding.sharded_step(step, mesh)
     return decode_loop(
         lambda p, c, t, pos: step(p, config, c, t, pos),
@@ -177,24 +180,36 @@ def _generate(params, config, prompts, lengths, source, source_lengths, key, eos
     )
 
 
-def _check_generate_args(config, prompts, prompt_lengths, max_new_tokens, capacity, sampler, key):
-    """Host-side validation; returns (lengths, capacity)."""
+def fill_generate_defaults(prompts, prompt_lengths, max_new_tokens: int, capacity, key, eos_id):
+    """`generate`'s defaults, in one place: every prompt token real, a cache of exactly
+    P + max_new_tokens slots, a fixed key (a deterministic sampler ignores it; one compiled
+    program either way), no eos (-1). Returns (prompt_lengths, capacity, key, eos_id)."""
+    B, P = np.shape(prompts)
+    if prompt_lengths is None:
+        prompt_lengths = np.full((B,), P, np.int32)
+    if capacity is None:
+        capacity = P + max_new_tokens
+    if key is None:
+        key = jax.random.key(0)
+    return prompt_lengths, capacity, key, -1 if eos_id is None else eos_id
+
+
+def _check_generate_args(params, config, prompts, prompt_lengths, max_new_tokens, capacity, sampler,
+                         key, eos_id, pad_id):
+    """Host-side validation (ValueError before any compute) of what `generate` and `beam_search`
+    share; prompt_lengths and capacity already hold their defaults."""
+    api.check_config(config)
+    api.check_params(params, config)
     checks.check_int_array("prompts", prompts, 2)
     B, P = np.shape(prompts)
     if B == 0 or P == 0:
         raise ValueError(f"prompts must be non-empty, got shape {(B, P)}")
     if checks.is_concrete(prompts):
         checks.check_token_ids("prompts", prompts, config.vocab_size)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if prompt_lengths is None:
-        prompt_lengths = np.full((B,), P, np.int32)
+    checks.positive_int("max_new_tokens", max_new_tokens)
     checks.check_lengths("prompt_lengths", prompt_lengths, B, 1, P)
-    capacity = P + max_new_tokens if capacity is None else capacity
-    if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool):
-        raise ValueError(f"capacity must be an int, got {capacity!r}")
-    capacity = int(capacity)
-    kv_cache.check_capacity(capacity, P + max_new_tokens)
+    checks.positive_int("capacity", capacity)
+    kv_cache.check_capacity(int(capacity), P + max_new_tokens)
     if checks.is_concrete(prompt_lengths):
         longest = int(np.max(prompt_lengths)) + max_new_tokens
     else:
@@ -204,11 +219,10 @@ def _check_generate_args(config, prompts, prompt_lengths, max_new_tokens, capaci
             f"prompt length + max_new_tokens = {longest} needs positions up to {longest - 2}, "
             f"beyond the model's max_len={config.max_len}"
         )
-    if not isinstance(sampler, (Greedy, Temperature, TopK, TopP)):
-        raise ValueError(f"sampler must be a jaxdec sampler (Greedy, Temperature, TopK, TopP), got {sampler!r}")
+    checks.check_sampler(sampler, B, config.vocab_size)
     if sampler.stochastic and key is None:
         raise ValueError(f"{type(sampler).__name__} samples at random: pass key=jax.random.key(...)")
-    return prompt_lengths, capacity
+    check_special_ids(config, eos_id, pad_id)
 
 
 def check_special_ids(config, eos_id, pad_id) -> None:
@@ -216,7 +230,7 @@ def check_special_ids(config, eos_id, pad_id) -> None:
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         if value is None and name == "eos_id":
             continue
-        if not isinstance(value, (int, np.integer)) or not 0 <= value < config.vocab_size:
+        if not checks.is_int(value) or not 0 <= value < config.vocab_size:
             raise ValueError(f"{name} must be an int in [0, vocab_size={config.vocab_size}), got {value!r}")
 
 
@@ -233,27 +247,31 @@ def _pad_to(prompts, width: int):
 class DecodeInputs(NamedTuple):
     """Validated device inputs of a decode: prompts int32 [B, capacity - max_new_tokens]
     (right-padded), lengths int32 [B], source / source_lengths (encoder-decoder, else None),
-    eos_id int32 [] (-1: none), pad_id int32 []."""
+    key, eos_id int32 [] (-1: none), pad_id int32 []."""
 
     prompts: jax.Array
     lengths: jax.Array
     source: jax.Array | None
     source_lengths: jax.Array | None
+    key: jax.Array
     eos_id: jax.Array
     pad_id: jax.Array
 
 
-def prepare_inputs(config, prompts, prompt_lengths, source, source_lengths, max_new_tokens,
+def prepare_inputs(params, config, prompts, prompt_lengths, source, source_lengths, max_new_tokens,
                    capacity, sampler, key, eos_id, pad_id) -> tuple[DecodeInputs, int]:
     """Host checks shared by `generate` and `beam_search` (ValueError before any compute), then
     the arrays their compiled programs take, and the resolved capacity."""
-    api.check_config(config)
     prompts, prompt_lengths = checks.as_array(prompts), checks.as_array(prompt_lengths)
     source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
-    lengths, capacity = _check_generate_args(
-        config, prompts, prompt_lengths, max_new_tokens, capacity, sampler, key
-    )
-    check_special_ids(config, eos_id, pad_id)
+    checks.check_int_array("prompts", prompts, 2)
+    checks.positive_int("max_new_tokens", max_new_tokens)
+    given_key = key
+    prompt_lengths, capacity, key, eos = fill_generate_defaults(prompts, prompt_lengths, max_new_tokens,
+                                                                capacity, key, eos_id)
+    _check_generate_args(params, config, prompts, prompt_lengths, max_new_tokens, capacity, sampler,
+                         given_key, eos_id, pad_id)
+    capacity = int(capacity)
     source_lengths = api.check_source(config, source, source_lengths)
     if source is not None:
         if np.shape(source)[0] != np.shape(prompts)[0]:
@@ -261,10 +279,11 @@ def prepare_inputs(config, prompts, prompt_lengths, source, source_lengths, max_
         source = jnp.asarray(source, jnp.int32)
     inputs = DecodeInputs(
         prompts=_pad_to(prompts, capacity - max_new_tokens),
-        lengths=jnp.asarray(lengths, jnp.int32),
+        lengths=jnp.asarray(prompt_lengths, jnp.int32),
         source=source,
         source_lengths=source_lengths,
-        eos_id=jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
+        key=key,
+        eos_id=jnp.asarray(eos, jnp.int32),
         pad_id=jnp.asarray(pad_id, jnp.int32),
     )
     return inputs, capacity
@@ -286,41 +305,43 @@ def generate(
     use_cache: bool = True,
     capacity: int | None = None,
     return_logits: bool = False,
-    cache_cross: bool = True,
     mesh=None,
 ) -> GenerateResult:
     """Generates max_new_tokens tokens after each prompt.
 
     Args:
+      params: the model's params; their tree and shapes must match `config` (checked).
       prompts: int32 [B, P], right-padded when prompt_lengths is given.
       prompt_lengths: int32 [B], 1 <= length <= P; None means all P tokens are real.
       source, source_lengths: the encoder input int32 [B, S] and its lengths [B], for a
         Seq2SeqConfig (prompts are then decoder prompts, e.g. just the start token).
       max_new_tokens: tokens to generate per example.
-      sampler: Greedy() (default), Temperature, TopK or TopP.
-      key: PRNG key, required by the stochastic samplers; same key -> same samples.
+      sampler: Greedy() (default), Temperature, TopK, TopP, or your own: a hashable callable
+        (logits float32 [B, V], key) -> int32 [B] with a bool `stochastic` attribute
+        (`jaxdec.Sampler` is an optional base class).
+      key: PRNG key, required by a stochastic sampler; same key -> same samples.
       eos_id: an example stops after emitting it; later slots hold pad_id.
       use_cache: False runs the uncached baseline (recompute the whole prefix every step).
       capacity: KV-cache slots S >= P + max_new_tokens (default exactly that). Compilation is
         keyed on (B, capacity, max_new_tokens, sampler): fix capacity to decode prompts of any
         width up to capacity - max_new_tokens without recompiling.
       return_logits: also return the float32 [B, max_new_tokens, V] logits of every step.
-      cache_cross: encoder-decoder only: False re-projects the cross-attention K/V from the
-        encoder output at every step instead of carrying them (to measure what caching saves).
       mesh: the mesh `params` are placed on (`jaxdec.shard_params` or a sharded TrainState):
         the batch is split over data x fsdp and the KV cache over batch and KV heads for the
         whole loop (`jaxdec.sharding`). None: wherever the arrays are.
 
     Returns:
-      GenerateResult(tokens int32 [B, max_new_tokens], lengths int32 [B], logits).
+      GenerateResult(tokens int32 [B, max_new_tokens], lengths int32 [B], logits, nonfinite
+      bool [B]: check it, a row sampled from NaN or inf logits holds meaningless tokens).
+
+    Raises:
+      ValueError before any compute for params that do not match config, bad shapes, dtypes,
+      ids, lengths, sizes, samplers or special ids.
     """
-    inputs, capacity = prepare_inputs(config, prompts, prompt_lengths, source, source_lengths,
+    inputs, capacity = prepare_inputs(params, config, prompts, prompt_lengths, source, source_lengths,
                                       max_new_tokens, capacity, sampler, key, eos_id, pad_id)
-    if key is None:
-        key = jax.random.key(0)  # unused by Greedy; keeps one compiled program
     return _generate(
-        params, config, inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths, key,
+        params, config, inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths, inputs.key,
         inputs.eos_id, inputs.pad_id, sampler=sampler, max_new_tokens=max_new_tokens,
-        capacity=capacity, use_cache=use_cache, cache_cross=cache_cross, return_logits=return_logits,
-        mesh=mesh,
+        capacity=capacity, use_cache=use_cache, return_logits=return_logits, mesh=mesh,
     )

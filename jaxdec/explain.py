@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec import api, checkpoint, model, seq2seq
+from jaxdec import api, checkpoint, family
 from jaxdec import inspect as jinspect
 from jaxdec.attention import decoder_self_mask, padding_mask
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
@@ -359,9 +359,9 @@ def plot_heads(probs: np.ndarray, mask: np.ndarray, row_ids: Sequence[int], col_
     # Inches around each panel for the byte labels and the characters drawn under them.
     left_room, right_room, below, above = 0.9, (0.9 if next_ids is not None else 0.35), 0.75, 0.35
     top = 0.55
-    W = per_row * (left_room + panel_w + right_room) + 0.9
-    H = top + grid_rows * (above + panel_h + below)
-    fig = _figure(W, H)
+    fig_w = per_row * (left_room + panel_w + right_room) + 0.9
+    fig_h = top + grid_rows * (above + panel_h + below)
+    fig = _figure(fig_w, fig_h)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e3e3e3")
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)  # square-root scale: small weights stay visible
     sizes = dict(byte_size=6.5, char_size=9.5)
@@ -369,8 +369,8 @@ def plot_heads(probs: np.ndarray, mask: np.ndarray, row_ids: Sequence[int], col_
     for n in range(N):
         r, c = divmod(n, per_row)
         x0 = c * (left_room + panel_w + right_room) + left_room
-        y0 = H - top - r * (above + panel_h + below) - above - panel_h
-        ax = fig.add_axes((x0 / W, y0 / H, panel_w / W, panel_h / H))
+        y0 = fig_h - top - r * (above + panel_h + below) - above - panel_h
+        ax = fig.add_axes((x0 / fig_w, y0 / fig_h, panel_w / fig_w, panel_h / fig_h))
         image = ax.imshow(np.ma.masked_where(~mask, probs[n]), cmap=cmap, norm=norm, aspect="equal",
                           interpolation="nearest")
         _grid(ax, T, S)
@@ -379,8 +379,8 @@ def plot_heads(probs: np.ndarray, mask: np.ndarray, row_ids: Sequence[int], col_
         if next_ids is not None:
             _label_axis(ax, next_ids, "y", side="right", color="#8a3b12", **sizes)
         ax.set_title(f"head {n}", fontsize=10, pad=3)
-    fig.suptitle(drawable(title), fontsize=11.5, x=0.1 / W, ha="left", y=1 - 0.1 / H, va="top")
-    cax = fig.add_axes(((W - 0.55) / W, 0.3, 0.14 / W, 0.4))
+    fig.suptitle(drawable(title), fontsize=11.5, x=0.1 / fig_w, ha="left", y=1 - 0.1 / fig_h, va="top")
+    cax = fig.add_axes(((fig_w - 0.55) / fig_w, 0.3, 0.14 / fig_w, 0.4))
     fig.colorbar(image, cax=cax).set_label("probability (square-root scale); grey: masked", fontsize=8)
     return _save(fig, path)
 
@@ -470,19 +470,11 @@ def _fastest_seconds(fn: Callable[[], object], repeats: int) -> float:
 _apply = jax.jit(api.apply, static_argnames=("config",))
 
 
-def _decoder_prefill(params, config, tokens, lengths, capacity, source, source_lengths):
-    del source, source_lengths  # a decoder-only model has no encoder
-    return model.prefill(params, config, tokens, lengths, capacity)
-
-
 def _cached_functions(config):
-    """The family's (prefill, decode_step), jitted: the functions `jaxdec.generate` loops over."""
-    if isinstance(config, Seq2SeqConfig):
-        prefill, step = seq2seq.prefill, seq2seq.decode_step
-    else:
-        prefill, step = _decoder_prefill, model.decode_step
-    return (jax.jit(prefill, static_argnames=("config", "capacity")),
-            jax.jit(step, static_argnames=("config",)))
+    """The family's (prefill, step), jitted: the functions `jaxdec.generate` loops over."""
+    fam = family.of(config)
+    return (jax.jit(fam.prefill, static_argnames=("config", "capacity")),
+            jax.jit(fam.step, static_argnames=("config",)))
 
 
 def greedy_cached(params, config, prompt: np.ndarray, new_tokens: int, repeats: int,
@@ -862,7 +854,7 @@ def explain(loaded: LoadedModel, out: str | os.PathLike, *, text: str | None = N
       repeats: timings per measurement (the fastest is kept; >= 1).
     """
     params, config = loaded.params, loaded.config
-    encoder_decoder = isinstance(config, Seq2SeqConfig)
+    encoder_decoder = family.of(config).takes_source
     text = text if text is not None else (DEFAULT_DATES_TEXT if encoder_decoder else DEFAULT_LM_TEXT)
     if not isinstance(text, str) or not text:
         raise ValueError(f"text must be a non-empty str, got {text!r}")
@@ -927,7 +919,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     try:
         if args.checkpoint:
             loaded = load_checkpoint(args.checkpoint)
-            task = "dates" if isinstance(loaded.config, Seq2SeqConfig) else "lm"
+            task = "dates" if family.of(loaded.config).takes_source else "lm"
             if args.task is not None and args.task != task:
                 raise ValueError(f"--task {args.task} does not match the checkpoint, a {task} run")
             out = args.out or pathlib.Path(args.checkpoint).parent / "explain"

@@ -1,6 +1,6 @@
 """Attention maps and masks, from the same code path as `forward`.
 
-`attention` runs the model's own teacher-forcing pass (`model.decoder_logits` or
+`attention` runs the model family's own teacher-forcing pass (`model.decoder_logits` or
 `seq2seq.seq2seq_logits`) with `return_attention=True`: the layers hand back the probabilities
 their softmax produced, so what is drawn is what the model computed, not a re-derivation.
 
@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxdec import api, checks, model, seq2seq
+from jaxdec import api, checks, family
 from jaxdec.attention import decoder_self_mask, padding_mask
 from jaxdec.config import DecoderConfig, Seq2SeqConfig
 
@@ -55,17 +55,14 @@ def attention_unchecked(params, config, tokens, lengths, source=None, source_len
     """Traceable core of `attention` with no host checks: int32 inputs of the documented shapes."""
     B, T = tokens.shape
     masks = {"self": decoder_self_mask(lengths, T)}  # [B, T, T]
-    if isinstance(config, Seq2SeqConfig):
-        logits, probs = seq2seq.seq2seq_logits(params, config, tokens, lengths, source, source_lengths,
-                                               return_attention=True)
+    logits, probs = family.of(config).forward(params, config, tokens, lengths, source, source_lengths,
+                                              return_attention=True)
+    encoder = _layers(probs.get("encoder"))
+    if source is not None:
         S = source.shape[1]
         keys = padding_mask(source_lengths, S)  # [B, S]
         masks["cross"] = jnp.broadcast_to(keys[:, None, :], (B, T, S))
         masks["encoder"] = jnp.broadcast_to(keys[:, None, :], (B, S, S))
-        encoder = _layers(probs["encoder"])
-    else:
-        logits, probs = model.decoder_logits(params, config, tokens, lengths, return_attention=True)
-        encoder = None
     return Attention(logits=logits, self_attention=_layers(probs["self"]),
                      cross_attention=_layers(probs["cross"]), encoder_attention=encoder, masks=masks)
 
@@ -93,10 +90,12 @@ def attention(params, config: DecoderConfig | Seq2SeqConfig, tokens, lengths=Non
       an `Attention` (logits float32 [B, T, V]; per-layer float32 probabilities; bool masks).
 
     Raises:
-      ValueError, before any compute, naming the bad value: a wrong rank or dtype, T or S beyond
+      ValueError, before any compute, naming the bad value: params unlike the config's, a
+      wrong rank or dtype, T or S beyond
       max_len, ids outside [0, vocab_size), lengths out of range, a source batch unlike tokens'.
     """
     api.check_config(config)
+    api.check_params(params, config)
     tokens, lengths = checks.as_array(tokens), checks.as_array(lengths)
     source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
     checks.check_sequence("tokens", tokens, config.vocab_size, config.max_len)

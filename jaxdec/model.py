@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdec import cache as kv_cache
-from jaxdec import layers
+from jaxdec import family, layers
 from jaxdec.attention import attend, attend_cache, causal_mask, combine_masks, decoder_self_mask, key_range_mask
 from jaxdec.cache import CrossKV, KVCache
 from jaxdec.config import DecoderConfig
@@ -237,13 +237,13 @@ def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None, 
 
 
 def aligned_positions(starts: jax.Array, width: int) -> jax.Array:
-    """Positions of right-aligned slots: slot s of example b is at s - starts[b]; int32 [B, W]."""
+    """Positions of right-aligned slots: slot s of example b is at s - starts[b]; int32 [B, width]."""
     return (jnp.arange(width)[None, :] - starts[:, None]).astype(jnp.int32)
 
 
 def aligned_self_mask(starts: jax.Array, width: int) -> jax.Array:
-    """Causal mask over right-aligned slots that hides each example's left padding: [B, W, W]."""
-    valid_keys = key_range_mask(starts, jnp.full_like(starts, width), width)  # [B, W]
+    """Causal mask over right-aligned slots that hides each example's left padding: [B, width, width]."""
+    valid_keys = key_range_mask(starts, jnp.full_like(starts, width), width)  # [B, width]
     return combine_masks(causal_mask(width)[None], valid_keys[:, None, :])
 
 
@@ -407,3 +407,51 @@ def recompute_step(params, config, buf: TokenBuffer, tokens: jax.Array, position
                                        kv_cache.slice_start(0, buf.end))
     buf = buf.replace(tokens=new)
     return _full_logits_at(params, config, buf, buf.end, cross), buf.replace(end=buf.end + 1)
+
+
+# --- the decoder-only family ------------------------------------------------------------------
+
+
+def _forward(params, config: DecoderConfig, tokens, lengths, source=None, source_lengths=None,
+             dropout_rate: float = 0.0, rng=None, return_attention: bool = False):
+    del source, source_lengths  # a decoder-only model has no encoder
+    return decoder_logits(params, config, tokens, lengths, dropout_rate, rng,
+                          return_attention=return_attention)
+
+
+def _prefill(params, config: DecoderConfig, tokens, lengths, capacity: int, source=None,
+             source_lengths=None):
+    del source, source_lengths
+    return prefill(params, config, tokens, lengths, capacity)
+
+
+def _prefill_uncached(params, config: DecoderConfig, tokens, lengths, capacity: int, source=None,
+                      source_lengths=None):
+    del source, source_lengths
+    return prefill_uncached(params, config, tokens, lengths, capacity)
+
+
+def select_cache_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """The cache's batch rows reordered by rows int32 [R], filled blocks only."""
+    return kv_cache.select_rows(cache, rows, BLOCK_SIZE)
+
+
+def repeat_cache_rows(cache: KVCache, n: int) -> KVCache:
+    """Each batch row of the cache repeated n times: B -> B * n rows (beam search's start)."""
+    return cache.replace(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1),
+                         starts=jnp.repeat(cache.starts, n, axis=0))
+
+
+FAMILY = family.Family(
+    name="decoder-only",
+    takes_source=False,
+    init=init_decoder_params,
+    forward=_forward,
+    prefill=_prefill,
+    step=decode_step,
+    prefill_uncached=_prefill_uncached,
+    recompute_step=recompute_step,
+    select_rows=select_cache_rows,
+    repeat_rows=repeat_cache_rows,
+)
+family.register(DecoderConfig, FAMILY)

@@ -1,15 +1,58 @@
 """Samplers: logits [B, V] + PRNG key -> token ids int32 [B].
 
-Each sampler is a small frozen dataclass (hashable: a static argument to `jit`), pure and
-reproducible for a given key. They know nothing of the model.
+A sampler is any hashable callable (a static argument to `jit`; a frozen dataclass is the
+natural form) with `__call__(logits float32 [B, V], key) -> int32 [B]` and a bool attribute
+`stochastic` (False: the key is ignored, so `generate` needs none). `Sampler` is an optional
+base class that adds `draw`, n distinct ids per row, which beam search uses to pick its 2W
+candidates. Samplers are pure, reproducible for a given key, and know nothing of the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+
+from jaxdec import checks
+
+
+def draw(sampler, logits: jax.Array, key: jax.Array, n: int) -> jax.Array:
+    """n distinct ids per row, in the order drawn: int32 [B, n].
+
+    Uses `sampler.draw` if it has one; otherwise calls the sampler n times, each time with the
+    ids already drawn set to -inf (sampling without replacement).
+    """
+    if hasattr(sampler, "draw"):
+        return sampler.draw(logits, key, n)
+    return draw_in_turn(sampler, logits, key, n)
+
+
+def draw_in_turn(sampler, logits: jax.Array, key: jax.Array, n: int) -> jax.Array:
+    """`draw` by n calls of `sampler`, removing each drawn id from the next calls."""
+    rows = jnp.arange(logits.shape[0])
+
+    def one(logits, key):
+        ids = sampler(logits, key).astype(jnp.int32)  # [B]
+        return logits.at[rows, ids].set(-jnp.inf), ids
+
+    _, ids = jax.lax.scan(one, logits, jax.random.split(key, n))  # [n, B]
+    return ids.T
+
+
+class Sampler:
+    """Optional base class of samplers: subclass it as a frozen dataclass, set `stochastic`, and
+    write `__call__(logits float32 [B, V], key) -> int32 [B]`."""
+
+    stochastic: ClassVar[bool] = True
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def draw(self, logits: jax.Array, key: jax.Array, n: int) -> jax.Array:
+        """n distinct ids per row: int32 [B, n] (see `draw_in_turn`)."""
+        return draw_in_turn(self, logits, key, n)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -18,22 +61,27 @@ def _check_temperature(temperature: float) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Greedy:
+class Greedy(Sampler):
     """Argmax; ignores the key (the lowest id wins a tie)."""
 
-    stochastic = False
+    stochastic: ClassVar[bool] = False
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         del key
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+    def draw(self, logits: jax.Array, key: jax.Array, n: int) -> jax.Array:
+        """The n highest logits, best first (what n argmaxes in turn would give), in one top_k."""
+        del key
+        return jax.lax.top_k(logits, n)[1].astype(jnp.int32)
+
 
 @dataclasses.dataclass(frozen=True)
-class Temperature:
+class Temperature(Sampler):
     """Samples from softmax(logits / temperature)."""
 
     temperature: float = 1.0
-    stochastic = True
+    stochastic: ClassVar[bool] = True
 
     def __post_init__(self):
         _check_temperature(self.temperature)
@@ -43,16 +91,15 @@ class Temperature:
 
 
 @dataclasses.dataclass(frozen=True)
-class TopK:
+class TopK(Sampler):
     """Samples among the k highest logits (exactly k, ties broken by lower id), tempered."""
 
     k: int
     temperature: float = 1.0
-    stochastic = True
+    stochastic: ClassVar[bool] = True
 
     def __post_init__(self):
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        checks.positive_int("k", self.k)
         _check_temperature(self.temperature)
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
@@ -63,7 +110,7 @@ class TopK:
 
 
 @dataclasses.dataclass(frozen=True)
-class TopP:
+class TopP(Sampler):
     """Nucleus sampling: the smallest set of highest-probability tokens whose mass reaches p.
 
     Probabilities are those of the tempered distribution; the most likely token is always kept.
@@ -71,7 +118,7 @@ class TopP:
 
     p: float
     temperature: float = 1.0
-    stochastic = True
+    stochastic: ClassVar[bool] = True
 
     def __post_init__(self):
         if not 0.0 < self.p <= 1.0:
@@ -88,5 +135,3 @@ class TopP:
         choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
-
-Sampler = Greedy | Temperature | TopK | TopP

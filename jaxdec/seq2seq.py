@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxdec import layers, model
+from jaxdec import family, layers, model
 from jaxdec.attention import padding_mask
 from jaxdec.cache import CrossKV, KVCache
 from jaxdec.config import Seq2SeqConfig
@@ -120,36 +120,26 @@ def seq2seq_logits(params: dict, config: Seq2SeqConfig, tokens: jax.Array, lengt
 
 @flax.struct.dataclass
 class Seq2SeqCache:
-    """Decode state of the encoder-decoder: the growing self-attention cache plus the fixed
-    cross-attention K/V. With `encoded` set instead of `cross`, every step re-projects the cross
-    K/V from the encoder output (a benchmark of what caching them saves)."""
+    """Decode state of the encoder-decoder: the growing self-attention cache plus the
+    cross-attention K/V, projected once from the encoder output and fixed for every step."""
 
     self_kv: KVCache
-    cross: CrossKV | None
-    encoded: jax.Array | None = None
-    source_lengths: jax.Array | None = None
+    cross: CrossKV
 
 
-def prefill(params, config: Seq2SeqConfig, tokens, lengths, capacity, source, source_lengths,
-            cache_cross: bool = True):
+def prefill(params, config: Seq2SeqConfig, tokens, lengths, capacity, source, source_lengths):
     """Encodes the source once, projects cross K/V once, and prefills the decoder prompts
     (tokens int32 [B, P] right-padded, lengths int32 [B]) in chunks."""
     encoded = encode(params, config, source, source_lengths)
     cross = cross_kv(params, config, encoded, source_lengths)
     logits, self_kv = model.prefill(decoder_view(params), config, tokens, lengths, capacity, cross=cross)
-    if cache_cross:
-        return logits, Seq2SeqCache(self_kv=self_kv, cross=cross)
-    return logits, Seq2SeqCache(self_kv=self_kv, cross=None, encoded=encoded,
-                                source_lengths=source_lengths.astype(jnp.int32))
+    return logits, Seq2SeqCache(self_kv=self_kv, cross=cross)
 
 
 def decode_step(params, config: Seq2SeqConfig, cache: Seq2SeqCache, tokens, positions):
-    """One cached decoder step against the carried cross K/V (or re-projected ones)."""
-    cross = cache.cross
-    if cross is None:
-        cross = cross_kv(params, config, cache.encoded, cache.source_lengths)
+    """One cached decoder step against the carried cross K/V."""
     logits, self_kv = model.decode_step(decoder_view(params), config, cache.self_kv, tokens,
-                                        positions, cross=cross)
+                                        positions, cross=cache.cross)
     return logits, cache.replace(self_kv=self_kv)
 
 
@@ -177,3 +167,29 @@ def recompute_step(params, config, state: Seq2SeqBuffer, tokens, positions):
     cross = _recompute_cross(params, config, state.source, state.source_lengths)
     logits, buf = model.recompute_step(decoder_view(params), config, state.buf, tokens, positions, cross)
     return logits, state.replace(buf=buf)
+
+
+# --- the encoder-decoder family ---------------------------------------------------------------
+
+
+def _select_rows(cache: Seq2SeqCache, rows: jax.Array) -> Seq2SeqCache:
+    return cache.replace(self_kv=model.select_cache_rows(cache.self_kv, rows))
+
+
+def _repeat_rows(cache: Seq2SeqCache, n: int) -> Seq2SeqCache:
+    return Seq2SeqCache(self_kv=model.repeat_cache_rows(cache.self_kv, n), cross=cache.cross.repeat(n))
+
+
+FAMILY = family.Family(
+    name="encoder-decoder",
+    takes_source=True,
+    init=init_seq2seq_params,
+    forward=seq2seq_logits,
+    prefill=prefill,
+    step=decode_step,
+    prefill_uncached=prefill_uncached,
+    recompute_step=recompute_step,
+    select_rows=_select_rows,
+    repeat_rows=_repeat_rows,
+)
+family.register(Seq2SeqConfig, FAMILY)

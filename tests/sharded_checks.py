@@ -197,7 +197,7 @@ def check_decoding():
     hlo = decode._generate.lower(
         placed, MC, jnp.asarray(prompts), jnp.asarray(lengths), None, None, jax.random.key(0),
         jnp.asarray(-1, jnp.int32), jnp.asarray(0, jnp.int32), sampler=jaxdec.Greedy(),
-        max_new_tokens=new, capacity=capacity, use_cache=True, cache_cross=True, return_logits=False,
+        max_new_tokens=new, capacity=capacity, use_cache=True, return_logits=False,
         mesh=mesh).compile().as_text()
     cache_shape = (MC.num_layers, 8, MC.kv_heads, capacity, MC.head_dim)
     per_device_cache = (MC.num_layers, 2, 1, capacity, MC.head_dim)
