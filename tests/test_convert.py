@@ -674,6 +674,12 @@ def test_cli_gpt2_greedy_matches_hf(tmp_path, cli, capsys):
     assert cli.main(argv) == 0
     assert capsys.readouterr().out == first
     assert inspect.isfunction(jaxdec.generate)
+    # NaN weights: an error naming the texts, not tokens decoded from NaN logits.
+    with torch.no_grad():
+        hf.transformer.h[0].mlp.c_fc.bias.fill_(float("nan"))
+    hf.save_pretrained(tmp_path)
+    assert cli.main(argv) == 2
+    assert "NaN or inf logits for ['the quick brown fox']" in capsys.readouterr().err
 
 
 def test_cli_marian_translates_like_hf(tmp_path, cli, capsys):

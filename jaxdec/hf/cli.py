@@ -139,11 +139,9 @@ def run(checkpoint: str, texts: list[str], *, max_new_tokens: int = 64, beams: i
     tok = load_tokenizer(checkpoint, ckpt.model_type)
     gen = ckpt.generation
     if beams is None:  # the folder's num_beams, unless sampling was asked for
-        beams = int(gen.get("num_beams") or 1) if isinstance(sampler, Greedy) else 1
+        beams = 1 if sampler.stochastic else int(gen.get("num_beams") or 1)
     length_penalty = float(gen.get("length_penalty", 1.0)) if length_penalty is None else length_penalty
     early_stopping = gen.get("early_stopping") is True if early_stopping is None else early_stopping
-    if beams > 1 and not isinstance(sampler, Greedy):
-        raise ValueError("beam search does not sample: drop --temperature/--top-k/--top-p or use --beams 1")
     special = ckpt.special
     pad = special.pad_id if special.pad_id is not None else 0
     params = _ban_tokens(ckpt, ckpt.params)
@@ -161,11 +159,17 @@ def run(checkpoint: str, texts: list[str], *, max_new_tokens: int = 64, beams: i
         extra = {"source": source, "source_lengths": source_lengths}
     common = dict(max_new_tokens=max_new_tokens, eos_id=special.eos_id, pad_id=pad, **extra)
     if beams > 1:
+        # With a sampler, the beams' candidates are sampled (HF's num_beams with do_sample).
         result, _ = beam_search(params, ckpt.config, prompts, lengths, beam_size=beams,
-                                length_penalty=length_penalty, early_stopping=early_stopping, **common)
+                                length_penalty=length_penalty, early_stopping=early_stopping,
+                                sampler=sampler, key=jax.random.key(seed), **common)
     else:
         result = decode.generate(params, ckpt.config, prompts, lengths, sampler=sampler,
                                  key=jax.random.key(seed), **common)
+    broken = [texts[b] for b in np.flatnonzero(np.asarray(result.nonfinite))]
+    if broken:
+        raise ValueError(f"the model gave NaN or inf logits for {broken}: its weights are not finite or "
+                         "overflow, so the outputs would be meaningless")
     tokens, out_lengths = np.asarray(result.tokens), np.asarray(result.lengths)
     return [tok.decode(_trim(tokens[b], int(out_lengths[b]), special.eos_id)) for b in range(len(texts))]
 
