@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec import api, checkpoint, family
+from jaxdec import api, checkpoint, checks, family
 from jaxdec import inspect as jinspect
 from jaxdec.attention import decoder_self_mask, padding_mask
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
@@ -858,9 +858,8 @@ def explain(loaded: LoadedModel, out: str | os.PathLike, *, text: str | None = N
     text = text if text is not None else (DEFAULT_DATES_TEXT if encoder_decoder else DEFAULT_LM_TEXT)
     if not isinstance(text, str) or not text:
         raise ValueError(f"text must be a non-empty str, got {text!r}")
-    for name, value, low in (("samples", samples, 2), ("repeats", repeats, 1), ("new_tokens", new_tokens, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    samples, repeats, new_tokens = (checks.positive_int(name, value, low) for name, value, low in
+                                    (("samples", samples, 2), ("repeats", repeats, 1), ("new_tokens", new_tokens, 2)))
     need = max(len(encode_sentence(s)) for s in (SEED_SENTENCE, *PADDED_SENTENCES))
     if config.vocab_size < VOCAB_SIZE:
         raise ValueError(f"the model's vocab_size {config.vocab_size} does not cover the byte tokenizer's "

@@ -95,7 +95,6 @@ def attention(params, config: DecoderConfig | Seq2SeqConfig, tokens, lengths=Non
       max_len, ids outside [0, vocab_size), lengths out of range, a source batch unlike tokens'.
     """
     api.check_config(config)
-    api.check_params(params, config)
     tokens, lengths = checks.as_array(tokens), checks.as_array(lengths)
     source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
     checks.check_sequence("tokens", tokens, config.vocab_size, config.max_len)
@@ -109,6 +108,7 @@ def attention(params, config: DecoderConfig | Seq2SeqConfig, tokens, lengths=Non
         if jnp.shape(source)[0] != B:
             raise ValueError(f"source has batch {jnp.shape(source)[0]}, tokens have {B}")
         source = jnp.asarray(source, jnp.int32)
+    api.check_params(params, config)
     return _attention_jit(params, config, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
                           source, source_lengths)
 

@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxdec import cache as kv_cache
+from jaxdec import checks
 
 PyTree = Any
 
@@ -96,8 +97,8 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
     """
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for name, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-            raise ValueError(f"mesh axis {name} must be a positive int, got {size!r}")
+        sizes[name] = checks.positive_int(f"mesh axis {name}", size)
+    data, fsdp, tensor = sizes["data"], sizes["fsdp"], sizes["tensor"]
     devices = jax.devices() if devices is None else list(devices)
     if data * fsdp * tensor != len(devices):
         raise ValueError(
@@ -349,8 +350,7 @@ def init_devices(num_cpu_devices: int | None = None, coordinator_address: str | 
         or inconsistent process setup, before anything is run.
     """
     if num_cpu_devices is not None:
-        if isinstance(num_cpu_devices, bool) or not isinstance(num_cpu_devices, int) or num_cpu_devices < 1:
-            raise ValueError(f"num_cpu_devices must be a positive int, got {num_cpu_devices!r}")
+        num_cpu_devices = checks.positive_int("num_cpu_devices", num_cpu_devices)
         try:
             jax.config.update("jax_num_cpu_devices", num_cpu_devices)
         except RuntimeError as err:

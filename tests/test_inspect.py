@@ -247,7 +247,7 @@ def test_cross_attention_follows_the_padded_sources(seq2seq_case):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tokens=[[1, 2, 99]]), "token id 99"),
     (dict(tokens=[[1, 2, 3]], lengths=[4]), "lengths holds 4"),
-    (dict(tokens=[[1, 2, 3]], source=[[1, 2]]), "source / source_lengths are for a Seq2SeqConfig"),
+    (dict(tokens=[[1, 2, 3]], source=[[1, 2]]), "source / source_lengths are for an encoder-decoder model"),
     (dict(tokens=[1, 2, 3]), "tokens must have rank 2"),
 ])
 def test_bad_input_is_refused_before_compute(decoder_configs, kwargs, message):
