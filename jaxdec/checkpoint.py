@@ -261,6 +261,17 @@ def _first_difference(saved: list[dict], wanted: list[dict]) -> str:
     return f"checkpoint has {len(saved)} leaves, template has {len(wanted)}"
 
 
+def _check_template_params(template: PyTree) -> None:
+    """A training state's params must be the ones its model config describes: otherwise the
+    checkpoint would be restored into (and later run as) a different model. ValueError naming
+    the first mismatched leaf (`jaxdec.api.check_params`); other pytrees pass unchecked."""
+    params, config = getattr(template, "params", None), getattr(template, "model_config", None)
+    if params is not None and config is not None:
+        from jaxdec.api import check_params  # the model API; the rest of this module is generic
+
+        check_params(params, config)
+
+
 def restore(
     directory: str | os.PathLike, template: PyTree, *, step: int | None = None
 ) -> tuple[PyTree, int]:
@@ -283,9 +294,11 @@ def restore(
     Raises:
       FileNotFoundError: no checkpoint, no usable one, or no checkpoint for the given `step`.
       CorruptCheckpointError: the explicitly requested `step` is corrupt (no fallback).
-      ValueError: the checkpoint was saved from a state of a different structure/dtype/shape.
+      ValueError: the checkpoint was saved from a state of a different structure/dtype/shape, or
+        the template is a training state whose params do not fit its model_config.
     """
     directory = pathlib.Path(directory).absolute()  # orbax rejects relative paths
+    _check_template_params(template)
     steps = all_steps(directory)
     if step is not None:
         step = as_step(step)

@@ -105,8 +105,9 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     # multi-output reduction instead of two dependent ones; the max() guards rounding below 0.
     var = jnp.maximum(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    scale = jnp.reshape(p["scale"], (1,) * (x.ndim - 1) + (-1,))
-    bias = jnp.reshape(p["bias"], (1,) * (x.ndim - 1) + (-1,))
+    # The affine part in float32 too (the params may have been cast to a bfloat16 compute dtype).
+    scale = jnp.reshape(p["scale"].astype(jnp.float32), (1,) * (x.ndim - 1) + (-1,))
+    bias = jnp.reshape(p["bias"].astype(jnp.float32), (1,) * (x.ndim - 1) + (-1,))
     return (y * scale + bias).astype(x.dtype)
 
 

@@ -81,6 +81,14 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return tx
 
 
+def _optax_promotion(fn, *args):
+    """Calls an optax function under standard dtype promotion: optax mixes Python floats with
+    its int32 step count (b1 ** count), which jax_numpy_dtype_promotion="strict" refuses, and a
+    user's strict mode should not make training impossible. Our own code stays strict-clean."""
+    with jax.numpy_dtype_promotion("standard"):
+        return fn(*args)
+
+
 def create_train_state(model_config: DecoderConfig, train_config: TrainConfig, key: jax.Array,
                        mesh: Mesh | None = None, params: dict | None = None) -> TrainState:
     """Initial params (from `key`), optimizer state, step 0 and the dropout key.
@@ -112,7 +120,7 @@ def _init_state(model_config, train_config, mesh, key, params=None) -> TrainStat
         params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     return TrainState(
         params=params,
-        opt_state=make_optimizer(train_config).init(params),
+        opt_state=_optax_promotion(make_optimizer(train_config).init, params),
         step=jnp.zeros((), jnp.int32),
         key=dropout_key,
         model_config=model_config,
@@ -294,14 +302,14 @@ def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     # all-reducing whole gradients onto every device.
     grads = sharding.constrain(grads, state.mesh)
     tx = make_optimizer(tc)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = _optax_promotion(tx.update, grads, state.opt_state, state.params)
     grad_norm = optax.tree.norm(grads)
     metrics = {
         "loss": loss,
         "tokens": count,
         "accuracy": correct / jnp.maximum(count, 1.0),
         "grad_norm": grad_norm,
-        "learning_rate": learning_rate_schedule(tc)(state.step // tc.grad_accum_steps),
+        "learning_rate": _optax_promotion(learning_rate_schedule(tc), state.step // tc.grad_accum_steps),
         "skipped": (~jnp.isfinite(grad_norm)).astype(jnp.float32),
     }
     new_state = state.replace(

@@ -1,4 +1,4 @@
-"""Shared test setup: strict broadcasting, a PRNG key fixture, and the tiny decoder configs.
+"""Shared test setup: strict broadcasting and dtype promotion, a PRNG key fixture, and the tiny decoder configs.
 
 The configs are deliberately tiny (vocab 37, d_model 32, 2 layers) and are shared by the model
 and decode tests: equal frozen configs hash equal, so `jax.jit` reuses compiled programs across
@@ -16,6 +16,9 @@ from jaxdec import DecoderConfig, init_params
 
 # Implicit rank promotion hides shape bugs (a [B] array silently broadcast against [B, T]).
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Implicit dtype promotion hides dtype bugs (a bool mask times float32 weights, an int64 index
+# next to an int32 one under jax_enable_x64): every mix of dtypes must be an explicit cast.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 _TINY = dict(vocab_size=37, num_layers=2, d_model=32, num_heads=4, max_len=32, init_std=0.4)
 

@@ -339,13 +339,13 @@ def test_generate_rejects_bad_input_before_compute(overrides, match, params_for,
         gen(params_for(base_config), base_config, prompts, lengths, **overrides)
 
 
-def test_generate_accepts_python_lists_or_rejects_them_with_value_error(params_for, base_config):
+def test_generate_accepts_python_lists(params_for, base_config):
+    """Nested lists are arrays to the API (as in numpy): the same tokens as int32 arrays."""
     params = params_for(base_config)
-    try:
-        result = gen(params, base_config, PROMPTS.tolist(), PROMPT_LENGTHS.tolist())
-    except ValueError:
-        return
+    result = gen(params, base_config, PROMPTS.tolist(), PROMPT_LENGTHS.tolist())
     np.testing.assert_array_equal(result.tokens, gen(params, base_config).tokens)
+    with pytest.raises(ValueError, match="integer"):
+        gen(params, base_config, (PROMPTS + 0.5).tolist(), PROMPT_LENGTHS.tolist())
 
 
 def test_longest_allowed_generation_passes_validation(params_for, base_config, monkeypatch):
