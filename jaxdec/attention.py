@@ -19,19 +19,19 @@ def causal_mask(query_len: int, key_len: int | None = None, offset: int | jax.Ar
     0..i only.
     """
     key_len = query_len if key_len is None else key_len
-    rows = jnp.arange(query_len)[:, None] + offset  # [T, 1]
-    cols = jnp.arange(key_len)[None, :]  # [1, S]
+    rows = jnp.arange(query_len, dtype=jnp.int32)[:, None] + offset  # [T, 1]
+    cols = jnp.arange(key_len, dtype=jnp.int32)[None, :]  # [1, S]
     return cols <= rows
 
 
 def padding_mask(lengths: jax.Array, key_len: int) -> jax.Array:
     """Keys at index >= length are padding. lengths int [B] -> bool [B, S]."""
-    return jnp.arange(key_len)[None, :] < lengths[:, None]
+    return jnp.arange(key_len, dtype=jnp.int32)[None, :] < lengths[:, None]
 
 
 def key_range_mask(starts: jax.Array, ends: jax.Array, key_len: int) -> jax.Array:
     """Keys in [start, end) are valid. starts, ends int [B] (or scalars) -> bool [B, S]."""
-    slots = jnp.arange(key_len)[None, :]  # [1, S]
+    slots = jnp.arange(key_len, dtype=jnp.int32)[None, :]  # [1, S]
     return (slots >= jnp.reshape(starts, (-1, 1))) & (slots < jnp.reshape(ends, (-1, 1)))
 
 
@@ -190,13 +190,13 @@ def attend_cache(
     if N % K:
         raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
     G = N // K
-    query_slots = end + jnp.arange(T)  # [T]
+    query_slots = end + jnp.arange(T, dtype=jnp.int32)  # [T]
     if capacity <= block_size:
         # One block: the plain masked attention, no loop (as fast as before for small caches).
         k_l = jax.lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)  # [B, K, S, H]
         v_l = jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
         mask = key_range_mask(starts, jnp.full_like(starts, capacity), capacity)[:, None, :]  # [B, 1, S]
-        mask = mask & (jnp.arange(capacity)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
+        mask = mask & (jnp.arange(capacity, dtype=jnp.int32)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
         return attend(q, k_l, v_l, mask, heads_first=True, zero_unseen_values=False)
 
     S = block_size  # the key slots of one block: the S of the einsums below
@@ -213,7 +213,7 @@ def attend_cache(
         start = tuple(jnp.asarray(i, jnp.int32) for i in (layer, 0, 0, s0, 0))  # one int type (x64)
         k_b = jax.lax.dynamic_slice(k, start, (1, B, K, S, H))[0]  # [B, K, S, H]
         v_b = jax.lax.dynamic_slice(v, start, (1, B, K, S, H))[0]
-        slots = s0 + jnp.arange(S)  # [S]
+        slots = s0 + jnp.arange(S, dtype=jnp.int32)  # [S]
         allowed = ((slots[None, None, :] >= jnp.maximum(lo, starts)[:, None, None])
                    & (slots[None, None, :] <= query_slots[None, :, None]))  # [B, T, S]
         scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k_b).astype(jnp.float32)

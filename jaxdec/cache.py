@@ -111,7 +111,7 @@ def select_rows(cache: KVCache, rows: jax.Array, block_size: int) -> KVCache:
         # The last block may stick out of the cache: read it shifted back and leave the slots
         # of the previous block (already reordered) as they are.
         s0 = jnp.minimum(j * block_size, S - block_size)
-        fresh = (s0 + jnp.arange(block_size) >= j * block_size)[None, None, None, :, None]
+        fresh = (s0 + jnp.arange(block_size, dtype=jnp.int32) >= j * block_size)[None, None, None, :, None]
 
         def reorder(a):
             b = jax.lax.dynamic_slice(a, slice_start(0, 0, 0, s0, 0), (L, a.shape[1], K, block_size, H))
@@ -131,8 +131,8 @@ def query_mask(cache: KVCache, query_len: int) -> jax.Array:
     Query t sees each example's valid slots up to and including its own (starts[b] <= s <= end + t).
     The masked reference that `attention.attend_cache` must equal; decoding never builds it.
     """
-    slots = jnp.arange(cache.capacity)[None, None, :]  # [1, 1, S]
-    ends = cache.end + jnp.arange(1, query_len + 1)[None, :, None]  # [1, T, 1], exclusive
+    slots = jnp.arange(cache.capacity, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
+    ends = cache.end + jnp.arange(1, query_len + 1, dtype=jnp.int32)[None, :, None]  # [1, T, 1], exclusive
     return (slots >= cache.starts[:, None, None]) & (slots < ends)
 
 
@@ -153,7 +153,7 @@ class CrossKV:
 
     def mask(self) -> jax.Array:
         """bool [B, S]: True at real source positions."""
-        return jnp.arange(self.k.shape[3])[None, :] < self.lengths[:, None]
+        return jnp.arange(self.k.shape[3], dtype=jnp.int32)[None, :] < self.lengths[:, None]
 
     def repeat(self, n: int) -> "CrossKV":
         """Each example repeated n times along the batch (for beam search): B -> B * n."""

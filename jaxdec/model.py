@@ -223,7 +223,7 @@ def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None, 
     [L,B,N,T,S] or None}), the probabilities this very pass used.
     """
     B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     x = embed_inputs(params, config, tokens, positions)
     x = _dropper(dropout_rate, rng)(x, 0)
     mask = decoder_self_mask(lengths, T)
@@ -238,7 +238,7 @@ def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None, 
 
 def aligned_positions(starts: jax.Array, width: int) -> jax.Array:
     """Positions of right-aligned slots: slot s of example b is at s - starts[b]; int32 [B, width]."""
-    return (jnp.arange(width)[None, :] - starts[:, None]).astype(jnp.int32)
+    return (jnp.arange(width, dtype=jnp.int32)[None, :] - starts[:, None]).astype(jnp.int32)
 
 
 def aligned_self_mask(starts: jax.Array, width: int) -> jax.Array:
@@ -252,7 +252,7 @@ def right_align(prompts: jax.Array, lengths: jax.Array, width: jax.Array | int):
     traced): example b's tokens land in slots width - lengths[b] .. width - 1; every other
     slot holds token 0. Returns tokens int32 [B, P] and starts int32 [B]."""
     starts = (width - lengths).astype(jnp.int32)
-    src = jnp.arange(prompts.shape[1])[None, :] - starts[:, None]  # [B, P] index into the prompt
+    src = jnp.arange(prompts.shape[1], dtype=jnp.int32)[None, :] - starts[:, None]  # [B, P] index into the prompt
     real = (src >= 0) & (src < lengths[:, None])
     gathered = jnp.take_along_axis(prompts, jnp.clip(src, 0, prompts.shape[1] - 1), axis=1)
     return jnp.where(real, gathered, 0).astype(jnp.int32), starts
@@ -261,7 +261,7 @@ def right_align(prompts: jax.Array, lengths: jax.Array, width: jax.Array | int):
 def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cross=None):
     """The layers of `extend`: tokens int32 [B, C] -> final hidden states [B, C, D], new cache."""
     C = tokens.shape[1]
-    positions = (cache.end + jnp.arange(C)[None, :] - cache.starts[:, None]).astype(jnp.int32)
+    positions = (cache.end + jnp.arange(C, dtype=jnp.int32)[None, :] - cache.starts[:, None]).astype(jnp.int32)
     x = embed_inputs(params, config, tokens, positions)  # [B, C, D]
     cross_mask = None if cross is None else cross.mask()
 

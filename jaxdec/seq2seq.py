@@ -75,7 +75,7 @@ def encode(params: dict, config: Seq2SeqConfig, source: jax.Array, source_length
     """
     enc = encoder_view(params)
     B, S = source.shape
-    positions = jnp.broadcast_to(jnp.arange(S), (B, S))
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     x = model.embed_inputs(enc, config, source, positions)
     if dropout_rate > 0.0 and rng is not None:
         x = layers.dropout(x, dropout_rate, jax.random.fold_in(rng, 0))

@@ -249,7 +249,8 @@ def _sums(logits, batch):
     targets = batch["tokens"][:, 1:]
     weights = target_weights(batch)
     loss_sum = jnp.sum(token_losses(logits, targets) * weights)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights)
+    predicted = jnp.argmax(logits, axis=-1).astype(targets.dtype)  # int64 under x64
+    correct = jnp.sum((predicted == targets).astype(jnp.float32) * weights)
     return loss_sum, jnp.sum(weights), correct
 
 
