@@ -16,9 +16,9 @@ Counts without a letter are spelled out (max_new_tokens, capacity, width). Boole
 True where attention is allowed. Example: `jnp.einsum("BTNH,BSNH->BNTS", q, k)`.
 
 Public API: configs (DecoderConfig, Seq2SeqConfig, TrainConfig), `init_params`, `forward`,
-`generate` and `beam_search` with samplers (Greedy, Temperature, TopK, TopP, or any `Sampler`),
-training (`create_train_state`, `train_step`, `eval_step`) and sharding (`make_mesh`,
-`shard_params`, `shard_batch`). Each model family (decoder-only `model`, encoder-decoder
+`check_params`, `generate` and `beam_search` with samplers (Greedy, Temperature, TopK, TopP, or
+any `Sampler`), training (`create_train_state`, `train_step`, `train_step_checked`,
+`eval_step`) and sharding (`make_mesh`, `shard_params`, `shard_batch`). Each model family (decoder-only `model`, encoder-decoder
 `seq2seq`) is reached through `jaxdec.family.of(config)`; Hugging Face checkpoints through
 `jaxdec.hf`.
 """
@@ -30,7 +30,7 @@ from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.decode import DecodeState, GenerateResult, generate
 from jaxdec.sampling import Greedy, Sampler, Temperature, TopK, TopP
 from jaxdec.sharding import make_mesh, shard_batch, shard_params
-from jaxdec.training import TrainState, create_train_state, eval_step, train_step
+from jaxdec.training import TrainState, create_train_state, eval_step, train_step, train_step_checked
 
 __all__ = [
     "DecodeState",
@@ -57,4 +57,5 @@ __all__ = [
     "shard_batch",
     "shard_params",
     "train_step",
+    "train_step_checked",
 ]

@@ -71,7 +71,7 @@ def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, 
     # Finishing: an eos among the top W (or any top-W continuation at the last step).
     is_eos = tokens == eos_id
     last = t == max_new_tokens - 1
-    finishing = (is_eos | last) & (jnp.arange(2 * W)[None, :] < W) & ~state.done[:, None]
+    finishing = (is_eos | last) & (jnp.arange(2 * W, dtype=jnp.int32)[None, :] < W) & ~state.done[:, None]
     length = (t + 1).astype(jnp.float32) if isinstance(t, jax.Array) else float(t + 1)
     new_scores = jnp.where(finishing, top_scores / length**length_penalty, NEG_INF)
     all_scores = jnp.concatenate([state.finished_scores, new_scores], axis=1)  # [B, 3W]
@@ -105,7 +105,7 @@ def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, 
         nonfinite=state.nonfinite,
         key=key,
     )
-    rows = (jnp.arange(B)[:, None] * W + run_parents).reshape(B * W)
+    rows = (jnp.arange(B, dtype=jnp.int32)[:, None] * W + run_parents).reshape(B * W)
     return new, rows, run_tokens[:, :, t].reshape(B * W)
 
 
@@ -159,7 +159,7 @@ def _beam_search(params, config, prompts, lengths, source, source_lengths, key, 
     _, state, _, _ = jax.lax.while_loop(running, body, (jnp.ones((), jnp.int32), state, rows, last_tokens))
     best = state.finished_tokens[:, 0]  # [B, max_new_tokens]
     best_len = state.finished_lengths[:, 0]
-    best = jnp.where(jnp.arange(new)[None, :] < best_len[:, None], best, pad_id)
+    best = jnp.where(jnp.arange(new, dtype=jnp.int32)[None, :] < best_len[:, None], best, pad_id)
     return (GenerateResult(tokens=best, lengths=best_len, logits=None, nonfinite=state.nonfinite),
             state.finished_scores[:, 0])
 

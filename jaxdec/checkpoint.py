@@ -42,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxdec import checks
 from jaxdec.checks import as_step
 
 PyTree = Any
@@ -163,8 +164,7 @@ def save(directory: str | os.PathLike, state: PyTree, step: int, *, keep: int = 
     with a warning: otherwise "latest" would point back into the abandoned run.
     """
     step = as_step(step)
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    keep = checks.positive_int("keep", keep)
     directory = pathlib.Path(directory).absolute()  # orbax rejects relative paths
 
     def prepare():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from jaxdec import checks
+
 Position = Literal["learned", "sinusoidal", "rope"]
 NormPosition = Literal["pre", "post"]
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
@@ -14,9 +16,10 @@ _NORM_POSITIONS = ("pre", "post")
 _ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _check_positive(cfg, name: str) -> None:
+    """cfg.name must be an int >= 1 (`checks.positive_int`); a numpy integer is stored as a
+    Python int, so configs print, hash and serialise the same whatever the caller passed."""
+    object.__setattr__(cfg, name, checks.positive_int(name, getattr(cfg, name)))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -27,11 +30,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _validate_common(cfg, layer_fields: tuple[str, ...]) -> None:
     """Checks shared by the model configs; raises ValueError naming the bad field."""
     for name in ("vocab_size", *layer_fields, "d_model", "num_heads", "max_len"):
-        _check_positive(name, getattr(cfg, name))
+        _check_positive(cfg, name)
     if cfg.num_kv_heads is not None:
-        _check_positive("num_kv_heads", cfg.num_kv_heads)
+        _check_positive(cfg, "num_kv_heads")
     if cfg.d_ff is not None:
-        _check_positive("d_ff", cfg.d_ff)
+        _check_positive(cfg, "d_ff")
     if cfg.d_model % cfg.num_heads:
         raise ValueError(
             f"d_model % num_heads must be 0, got d_model={cfg.d_model}, num_heads={cfg.num_heads}"
@@ -210,7 +213,7 @@ class TrainConfig:
                 f"decay_steps must exceed warmup_steps, got decay_steps={self.decay_steps}, "
                 f"warmup_steps={self.warmup_steps}"
             )
-        _check_positive("grad_accum_steps", self.grad_accum_steps)
+        _check_positive(self, "grad_accum_steps")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))

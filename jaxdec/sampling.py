@@ -31,7 +31,7 @@ def draw(sampler, logits: jax.Array, key: jax.Array, n: int) -> jax.Array:
 
 def draw_in_turn(sampler, logits: jax.Array, key: jax.Array, n: int) -> jax.Array:
     """`draw` by n calls of `sampler`, removing each drawn id from the next calls."""
-    rows = jnp.arange(logits.shape[0])
+    rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
 
     def one(logits, key):
         ids = sampler(logits, key).astype(jnp.int32)  # [B]

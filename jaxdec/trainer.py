@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxdec import checkpoint, report, sharding
+from jaxdec import checkpoint, checks, family, report, sharding
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.data import ByteTokenizer, Corpus, dates, eval_batches, load_stdlib_corpus, load_text_corpus, sample_batch
 from jaxdec.decode import generate
@@ -143,9 +143,7 @@ DATES_PRESETS: dict[str, Seq2SeqRunConfig] = {
 def validate(cfg: RunConfig) -> None:
     """Refuses a run that cannot work, before loading data or compiling anything."""
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        checks.positive_int(name, getattr(cfg, name))
     if cfg.seq_len > cfg.model.max_len:
         raise ValueError(f"seq_len {cfg.seq_len} is beyond the model's max_len={cfg.model.max_len}")
     if cfg.model.vocab_size < TOKENIZER.vocab_size:
@@ -157,7 +155,7 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
     if cfg.mesh is not None:
         sharding.parse_mesh(cfg.mesh)
-    if isinstance(cfg.model, Seq2SeqConfig):
+    if family.of(cfg.model).takes_source:
         if cfg.seq_len < dates.max_source_bytes():
             raise ValueError(f"seq_len {cfg.seq_len} is shorter than the longest date source "
                              f"({dates.max_source_bytes()} bytes)")
@@ -403,7 +401,7 @@ def run(cfg: RunConfig) -> dict:
     validate(cfg)
     mesh = setup_mesh(cfg)
     primary = jax.process_index() == 0
-    task = DatesTask(cfg) if isinstance(cfg.model, Seq2SeqConfig) else LMTask(cfg)
+    task = DatesTask(cfg) if family.of(cfg.model).takes_source else LMTask(cfg)
     out = pathlib.Path(cfg.runs_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     if primary:

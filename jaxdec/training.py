@@ -23,9 +23,9 @@ import optax
 from jax.experimental import checkify
 from jax.sharding import Mesh
 
-from jaxdec import checks, sharding
+from jaxdec import checks, family, sharding
 from jaxdec.api import apply, check_params, init_params
-from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
+from jaxdec.config import DecoderConfig, TrainConfig
 
 
 @flax.struct.dataclass
@@ -155,7 +155,7 @@ def check_batch(batch, model_config, *, check_values: bool | None = None) -> Non
     """
     expected = ('expected {"tokens": int32 [B, T+1], "lengths": optional int32 [B]'
                 + (', "source": int32 [B, S], "source_lengths": optional int32 [B]}'
-                   if isinstance(model_config, Seq2SeqConfig) else "}"))
+                   if family.of(model_config).takes_source else "}"))
     if not isinstance(batch, Mapping):
         raise ValueError(f"a batch must be a dict, got {type(batch).__name__}; {expected}")
     unknown = [k for k in batch if k not in _BATCH_KEYS]
@@ -163,11 +163,12 @@ def check_batch(batch, model_config, *, check_values: bool | None = None) -> Non
         raise ValueError(f"batch has unknown key(s) {unknown}; {expected}")
     if "tokens" not in batch:
         raise ValueError(f"batch has no \"tokens\" (keys: {sorted(batch)}); {expected}")
-    seq2seq = isinstance(model_config, Seq2SeqConfig)
+    seq2seq = family.of(model_config).takes_source
     if seq2seq and "source" not in batch:
         raise ValueError(f"an encoder-decoder batch needs \"source\"; {expected}")
     if not seq2seq and ("source" in batch or "source_lengths" in batch):
-        raise ValueError(f"source / source_lengths are for a Seq2SeqConfig model; {expected}")
+        raise ValueError(f"source / source_lengths are for an encoder-decoder model, got a "
+                         f"{type(model_config).__name__}; {expected}")
     tokens = batch["tokens"]
     checks.check_int_array("batch['tokens']", tokens, 2)
     B, T1 = np.shape(tokens)

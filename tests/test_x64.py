@@ -10,10 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import jaxdec
-from jaxdec import DecoderConfig, TopK
+from jaxdec import TopK
 
 PROMPTS = np.array([[3, 14, 15, 9, 26], [5, 35, 30, 30, 30], [8, 9, 7, 30, 30]], np.int32)
 LENGTHS = np.array([5, 2, 3], np.int32)
@@ -52,8 +51,6 @@ def test_blocked_cache_generate_under_x64(decoder_configs, params_for):
     np.testing.assert_array_equal(on, off)
 
 
-@pytest.mark.xfail(raises=jax.dtypes.TypePromotionError, strict=False,
-                   reason="pending in jaxdec/beam.py (lead): int64 jnp.arange under x64 + strict promotion")
 def test_beam_search_under_x64(decoder_configs, params_for):
     config = decoder_configs["learned"]
     params = params_for(config)
