@@ -1,7 +1,7 @@
 """Command line: decode with jaxdec from a local Hugging Face GPT-2 or Marian checkpoint folder.
 
-    python -m jaxdec.hf --checkpoint DIR "text" ["more text" ...] [--max-new-tokens N]
-        [--beams K] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    python -m jaxdec.hf --checkpoint DIR "text" ["more text" ...] [--max-new-tokens COUNT]
+        [--beams WIDTH] [--temperature TEMP] [--top-k COUNT] [--top-p MASS] [--seed SEED]
 
 The folder holds config.json (its model_type, "gpt2" or "marian", picks the model), the weights
 (model.safetensors or pytorch_model.bin, read by `jaxdec.hf.load_checkpoint`) and the model's own
@@ -194,14 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT", help="input text(s), one batch row each; their outputs are printed in order, one per line")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="folder with config.json, model.safetensors or pytorch_model.bin, tokenizer files")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
-    p.add_argument("--beams", type=int, default=None, metavar="K",
-                   help="beam search with K beams (default: the folder's num_beams when not sampling, "
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="COUNT", help="tokens to generate (default 64)")
+    p.add_argument("--beams", type=int, default=None, metavar="WIDTH",
+                   help="beam search with WIDTH beams (default: the folder's num_beams when not sampling, "
                         "else 1 = no beams)")
-    p.add_argument("--length-penalty", type=float, default=None,
-                   help="beam score = log-prob / length**P (default: the folder's, else 1.0)")
+    p.add_argument("--length-penalty", type=float, default=None, metavar="PENALTY",
+                   help="beam score = log-prob / length**PENALTY (default: the folder's, else 1.0)")
     p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
-                   help="stop a beam search once K hypotheses finished (default: the folder's, else off)")
+                   help="stop a beam search once WIDTH hypotheses finished (default: the folder's, else off)")
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling with mass p")
