@@ -86,6 +86,7 @@ def _no_missing_glyphs(caplog) -> None:
 
 
 # matplotlib warns "Glyph ... missing from font(s)" where it would draw a tofu box.
+@pytest.mark.slow  # the whole report with its timings: ~35 s
 @pytest.mark.filterwarnings("error:.*[Gg]lyph.*missing")
 def test_report_end_to_end_on_a_tiny_random_decoder(tmp_path, capsys, caplog):
     out = tmp_path / "report"

@@ -187,7 +187,7 @@ _BAD_BATCHES = {
     "lengths_too_long": ({"tokens": _TOKENS, "lengths": np.array([10, 9], np.int32)}, "10"),
     "id_too_big": ({"tokens": np.where(np.arange(9) == 3, 32, _TOKENS).astype(np.int32)}, "token id 32"),
     "negative_id": ({"tokens": np.where(np.arange(9) == 3, -1, _TOKENS).astype(np.int32)}, "token id -1"),
-    "source_for_decoder": ({"tokens": _TOKENS, "source": _TOKENS}, "Seq2SeqConfig"),
+    "source_for_decoder": ({"tokens": _TOKENS, "source": _TOKENS}, "for an encoder-decoder model, got a DecoderConfig"),
 }
 
 
