@@ -170,6 +170,8 @@ def _generate(params, config, prompts, lengths, source, source_lengths, key, eos
     logits, state, step = _prefill_and_step(params, config, prompts, lengths, capacity, source,
                                             source_lengths, use_cache, cache_cross)
     step = sharding.sharded_step(step, mesh)
+    if use_cache and mesh is None and not isinstance(config, Seq2SeqConfig):
+        params = model.step_params(params)  # per-layer weights: the steps read them in place
     return decode_loop(
         lambda p, c, t, pos: step(p, config, c, t, pos),
         params, sharding.constrain_caches(state, mesh), logits, lengths, sampler=sampler, key=key, max_new_tokens=max_new_tokens,

@@ -277,8 +277,27 @@ def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cros
             x, _ = cross_sublayer(p, config, x, *cross_kv, cross_mask)
         return (mlp_sublayer(p, config, x), k_all, v_all), None
 
-    (x, k_all, v_all), _ = scan_blocks(block, (x, cache.k, cache.v), params["layers"], _cross_xs(cross))
+    carry = (x, cache.k, cache.v)
+    if isinstance(params["layers"], (list, tuple)):  # per-layer weights (`step_params`)
+        cross_xs = _cross_xs(cross)
+        for i, p in enumerate(params["layers"]):
+            extra = None if cross_xs is None else jax.tree.map(lambda a, i=i: a[i], cross_xs)
+            carry, _ = block(carry, (p, i, extra))
+    else:
+        carry, _ = scan_blocks(block, carry, params["layers"], _cross_xs(cross))
+    x, k_all, v_all = carry
     return x, kv_cache.advance(cache.replace(k=k_all, v=v_all), C)
+
+
+def step_params(params: dict) -> dict:
+    """params with "layers" as a list of L per-layer dicts, for a loop of cached steps.
+
+    Inside a loop, reading layer i of a stacked [L, ...] weight copies it first on CPU (a
+    dynamic slice is its own kernel; the matmul does not read through it), so every step read
+    the weights twice and wrote them once. Split once before the loop, each step's matmuls read
+    the weights in place; the cost is one copy of the layer weights while the loop runs.
+    """
+    return params | {"layers": unstack_blocks(params["layers"])}
 
 
 def extend(params: dict, config: DecoderConfig, cache: KVCache, tokens: jax.Array,
