@@ -123,6 +123,8 @@ def _beam_search(params, config, prompts, lengths, source, source_lengths, key, 
     logits, cache, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
                                            source_lengths, use_cache=True)
     step = sharding.sharded_step(step, mesh)
+    if mesh is None:
+        params = fam.loop_params(params)
     state = BeamState(
         cache=sharding.constrain_caches(fam.repeat_rows(cache, W), mesh),
         running_tokens=jnp.full((B, W, new), pad_id, jnp.int32),

@@ -3,6 +3,8 @@
     python -m jaxdec.bench decode [--repeats 5] [--batches 1 8] [--model decoder|seq2seq]
     python -m jaxdec.bench breakdown [--batches 1 8]
     python -m jaxdec.bench train [--mesh data=8 fsdp=8 data=2,fsdp=2,tensor=2]   (JAX_NUM_CPU_DEVICES=8)
+    python -m jaxdec.bench gpt2 [--batches 1 8] [--bf16] [--no-hf]   (GPT-2 small decode: fraction
+        of the memory-bandwidth limit at batch 1, and beside Hugging Face generate)
     python -m jaxdec.bench scaling [--quick] [--out scaling.png]   (cost vs capacity, prompt,
         early exit and depth; writes a figure)
     python -m jaxdec.bench --single-thread decode   (XLA on one thread)
@@ -469,6 +471,108 @@ def bench_scaling(quick: bool = False, out: str = "scaling.png") -> list[dict]:
     return rows
 
 
+def measure_read_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
+    """Bytes/s of one jitted sum over a float32 array of `megabytes` (best of `repeats`): the
+    rate a memory-bound decode step can at most stream weights at on this machine."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(total(x))
+        times.append(time.perf_counter() - t0)
+    return x.nbytes / min(times)
+
+
+def decode_bytes_per_step(config: jaxdec.DecoderConfig, params: dict, capacity: int) -> int:
+    """Bytes one batch-1 cached step must read: every weight once (the tied head reads the
+    whole [V, D] embedding; the lookup only one row of it and of pos_embed), plus a full KV
+    cache (an upper bound: a step reads only the filled blocks)."""
+    leaves = jax.tree.leaves(params.get("layers"))
+    layer_bytes = sum(x.nbytes for x in leaves)
+    head = params["embed"] if config.tie_embeddings else params["head"]
+    kv = 2 * config.num_layers * capacity * config.kv_heads * config.head_dim * head.dtype.itemsize
+    other = sum(x.nbytes for k, x in params.items() if k in ("final_norm",) for x in jax.tree.leaves(x))
+    return layer_bytes + head.nbytes + other + kv
+
+
+def bench_gpt2(batches=(1, 8), prompt_len=8, new_tokens=64, repeats=3, hf: bool = True,
+               dtypes=("float32",)) -> list[dict]:
+    """GPT-2 small (124M params, random weights through `jaxdec.convert.from_gpt2`): greedy
+    cached decode tokens/s, at batch 1 as a fraction of the memory-bandwidth limit (bytes read
+    per step / measured read bandwidth), and beside Hugging Face `generate` on the same weights
+    (needs torch and transformers; `hf=False` skips it). bfloat16 weights halve the bytes; their
+    row states how many greedy tokens match the float32 run."""
+    import numpy as np
+
+    from jaxdec import convert
+
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        torch = transformers = None
+    if torch is not None:
+        torch.manual_seed(0)
+        hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+        state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+        config, params = convert.from_gpt2(state, hf_model.config.to_dict())
+    else:  # no torch: jaxdec's own init of the same architecture (the speed is the same)
+        hf_model, config = None, jaxdec.DecoderConfig(50257, 12, 768, 12, 1024)
+        params = jaxdec.init_params(config, jax.random.key(0))
+    params = jax.tree.map(jnp.asarray, params)
+    bandwidth = measure_read_bandwidth()
+    capacity = prompt_len + new_tokens
+    rows, reference = [], {}
+    for batch in batches:
+        prompts = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, config.vocab_size)
+        for dtype in dtypes:
+            p = params if dtype == "float32" else jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+            run = lambda p=p, prompts=prompts: jaxdec.generate(  # noqa: E731
+                p, config, prompts, max_new_tokens=new_tokens).tokens
+            tokens = np.asarray(run())
+            median, times = _median_seconds(run, repeats)
+            tok_s = batch * new_tokens / median
+            row = {"bench": "decode_gpt2", "params_m": round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 1),
+                   "dtype": dtype, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens,
+                   "tokens_per_s": round(tok_s, 1),
+                   "tokens_per_s_range": [round(batch * new_tokens / t, 1) for t in (max(times), min(times))],
+                   "xla_flags": _threads()}
+            if batch == 1:
+                step_bytes = decode_bytes_per_step(config, p, capacity)
+                limit = bandwidth / step_bytes  # steps/s if every step streamed its bytes at the measured rate
+                row |= {"bytes_per_step": step_bytes, "read_gb_per_s": round(bandwidth / 1e9, 1),
+                        "bandwidth_limit_tokens_per_s": round(limit, 1),
+                        "fraction_of_bandwidth_limit": round(tok_s / limit, 3)}
+            if dtype == "float32":
+                reference[batch] = tokens
+            else:
+                row["greedy_tokens_equal_to_float32"] = round(float(np.mean(tokens == reference[batch])), 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if hf and hf_model is not None:
+            torch.set_num_threads(int(os.environ.get("TORCH_THREADS", torch.get_num_threads())))
+            ids = torch.from_numpy(np.asarray(prompts)).long()
+
+            def hf_run():
+                with torch.no_grad():
+                    return hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                             pad_token_id=0, use_cache=True)
+
+            hf_run()
+            hf_median, _ = _median_seconds(hf_run, repeats)
+            hf_tok_s = batch * new_tokens / hf_median
+            row = {"bench": "decode_gpt2_hf_generate", "batch": batch, "new_tokens": new_tokens,
+                   "torch_threads": torch.get_num_threads(), "tokens_per_s": round(hf_tok_s, 1)}
+            row |= {f"jaxdec_{r['dtype']}_over_hf": round(r["tokens_per_s"] / hf_tok_s, 2)
+                    for r in rows if r["batch"] == batch}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -495,6 +599,12 @@ def main(argv=None) -> None:
     tr.add_argument("--mesh", nargs="+", default=[None],
                     help="one row per mesh, e.g. data=8 fsdp=8 data=2,fsdp=2,tensor=2 (set "
                          "JAX_NUM_CPU_DEVICES=8 to simulate 8 CPU devices)")
+    g2 = sub.add_parser("gpt2", help="GPT-2 small decode: fraction of the bandwidth limit, vs HF generate")
+    g2.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    g2.add_argument("--new-tokens", type=int, default=64)
+    g2.add_argument("--repeats", type=int, default=3)
+    g2.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    g2.add_argument("--bf16", action="store_true", help="also decode with bfloat16 weights")
     sc = sub.add_parser("scaling", help="cost vs capacity, prompt length, early exit and depth")
     sc.add_argument("--quick", action="store_true", help="small sweeps (a smoke run)")
     sc.add_argument("--out", default="scaling.png", help="where to write the figure")
@@ -506,6 +616,9 @@ def main(argv=None) -> None:
         os.execve(sys.executable, [sys.executable, "-m", "jaxdec.bench", *args_list], env)
     if args.what == "scaling":
         bench_scaling(args.quick, args.out)
+    elif args.what == "gpt2":
+        bench_gpt2(tuple(args.batches), new_tokens=args.new_tokens, repeats=args.repeats,
+                   hf=not args.no_hf, dtypes=("float32", "bfloat16") if args.bf16 else ("float32",))
     elif args.what == "breakdown":
         bench_decode_breakdown(tuple(args.batches), repeats=args.repeats)
     elif args.what == "train":

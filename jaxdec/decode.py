@@ -173,6 +173,8 @@ def _generate(params, config, prompts, lengths, source, source_lengths, key, eos
     logits, state, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
                                            source_lengths, use_cache)
     step = sharding.sharded_step(step, mesh)
+    if use_cache and mesh is None:
+        params = family.of(config).loop_params(params)
     return decode_loop(
         lambda p, c, t, pos: step(p, config, c, t, pos),
         params, sharding.constrain_caches(state, mesh), logits, lengths, sampler=sampler, key=key, max_new_tokens=max_new_tokens,
