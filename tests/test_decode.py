@@ -399,6 +399,7 @@ def test_blocked_decode_equals_full_forward(capacity, tiny_blocks):
     assert len({tuple(r) for r in np.asarray(result.tokens)}) > 1, "degenerate outputs"
 
 
+@pytest.mark.slow  # two beam searches at 4-slot blocks: ~20 s (loaded 2-core CPU)
 def test_blocked_beam_search_equals_single_block(tiny_blocks):
     """Beam search reorders only the filled cache blocks: the same beams and scores as the
     single-pass path (a cache no larger than one block)."""
@@ -453,6 +454,7 @@ def test_early_exit_loop_stops_running_the_model():
     assert len(calls) == 1  # one step sampled eos for both rows; 48 more were skipped
 
 
+@pytest.mark.slow  # compiles train and generate twice: ~27 s (loaded 2-core CPU)
 def test_scanned_layers_equal_unrolled_loss_gradients_and_tokens(params_for, decoder_configs):
     """The layer scan against the same blocks unrolled in Python (each layer's slice of the
     stacked params run alone, one after another): equal loss, gradients (1e-6) and tokens."""

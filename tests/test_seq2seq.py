@@ -155,6 +155,7 @@ def test_cross_kv_projected_once_per_sequence(cache_cross):
     assert total - in_body == 1
 
 
+@pytest.mark.slow  # two beam compilations per config: ~20 s each (loaded 2-core CPU)
 def test_beam_one_equals_greedy(model):
     config, params = model
     for eos in (None, int(_generate(params, config).tokens[0, 2])):

@@ -130,6 +130,7 @@ def test_make_mesh_refuses_the_wrong_device_count():
     assert mesh.axis_types == (AxisType.Auto,) * 3
 
 
+@pytest.mark.slow  # sharded and plain train steps: ~23 s (loaded 2-core CPU)
 def test_one_device_mesh_trains_like_no_mesh():
     mc = jaxdec.DecoderConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2, max_len=16)
     tc = jaxdec.TrainConfig(warmup_steps=0, decay_steps=10)

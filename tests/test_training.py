@@ -75,6 +75,7 @@ def test_padding_weights_exclude_padding():
     chex.assert_trees_all_close(s1.params, s2.params, atol=0, rtol=0)
 
 
+@pytest.mark.slow  # two train-step compilations: ~23 s (loaded 2-core CPU)
 def test_gradient_accumulation_equals_one_big_batch():
     """k micro-batches through optax.MultiSteps == one batch of k times the size (fp32, 1e-6)."""
     k = 4
@@ -134,6 +135,7 @@ def test_bfloat16_compute_keeps_float32_params():
     np.testing.assert_allclose(float(m_bf["loss"]), float(m_fp["loss"]), rtol=2e-2)
 
 
+@pytest.mark.slow  # orbax round trip plus three steps: ~23 s (loaded 2-core CPU)
 def test_save_restore_continue_is_bit_identical(tmp_path):
     batches = [_batch(jax.random.key(20 + i), lengths=[17, 8, 12, 17]) for i in range(6)]
     tc = dataclasses.replace(TC, dropout=0.1)
