@@ -199,16 +199,15 @@ def fill_generate_defaults(prompts, prompt_lengths, max_new_tokens: int, capacit
 def _check_generate_args(params, config, prompts, prompt_lengths, max_new_tokens, capacity, sampler,
                          key, eos_id, pad_id):
     """Host-side validation (ValueError before any compute) of what `generate` and `beam_search`
-    share; prompt_lengths and capacity already hold their defaults."""
+    share; prompts' rank and dtype and max_new_tokens are checked by `prepare_inputs` (the
+    defaults need them), prompt_lengths and capacity already hold their defaults."""
     api.check_config(config)
     api.check_params(params, config)
-    checks.check_int_array("prompts", prompts, 2)
     B, P = np.shape(prompts)
     if B == 0 or P == 0:
         raise ValueError(f"prompts must be non-empty, got shape {(B, P)}")
     if checks.is_concrete(prompts):
         checks.check_token_ids("prompts", prompts, config.vocab_size)
-    checks.positive_int("max_new_tokens", max_new_tokens)
     checks.check_lengths("prompt_lengths", prompt_lengths, B, 1, P)
     checks.positive_int("capacity", capacity)
     kv_cache.check_capacity(int(capacity), P + max_new_tokens)
