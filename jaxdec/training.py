@@ -50,6 +50,14 @@ class TrainState:
     mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
 
 
+# Row groups of a train step on one CPU device (`row_groups`). Measured on the 2-core CPU (bench
+# train config, 16 x 256 tokens, interleaved in one process): 2 groups ran the step 2-12%
+# faster than 1 (4 groups: 5% more, but the step then compiles 2x longer: 15 s vs 7.8 s).
+# Smaller batches keep one group, so they compile no extra copy of the model.
+CPU_ROW_GROUPS = 2
+CPU_GROUP_MIN_TOKENS = 1024
+
+
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
     """Linear warmup to the peak, then cosine decay to end_lr_fraction of it."""
     return optax.warmup_cosine_decay_schedule(
@@ -255,6 +263,36 @@ def _sums(logits, batch):
     return loss_sum, jnp.sum(weights), correct
 
 
+def row_groups(tokens_shape: tuple[int, int], mesh) -> int:
+    """Independent row groups the train step splits a [B, T+1] batch into: CPU_ROW_GROUPS on
+    one CPU device when B divides evenly and each group holds at least CPU_GROUP_MIN_TOKENS
+    tokens; else 1."""
+    B, T1 = tokens_shape
+    if (mesh is not None or jax.default_backend() != "cpu" or B % CPU_ROW_GROUPS
+            or B // CPU_ROW_GROUPS * (T1 - 1) < CPU_GROUP_MIN_TOKENS):
+        return 1
+    return CPU_ROW_GROUPS
+
+
+def _group_sums(params, mc, tc: TrainConfig, batch: dict, dropout_rng, mesh):
+    """`_sums` of the batch, computed as the sum over `row_groups` independent slices of rows.
+
+    The sums are the same up to float rounding; the groups share no data, so XLA's CPU runtime
+    runs one group's single-threaded elementwise kernels beside the other's matmuls. Dropout
+    draws per group (a key folded with the group index).
+    """
+    B = batch["tokens"].shape[0]
+    G = row_groups(batch["tokens"].shape, mesh)
+    if G == 1:
+        return _sums(_logits(params, mc, tc, batch, dropout_rng), batch)
+    totals = []
+    for g in range(G):
+        rows = {k: v[g * B // G:(g + 1) * B // G] for k, v in batch.items()}
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, g)
+        totals.append(_sums(_logits(params, mc, tc, rows, rng), rows))
+    return tuple(sum(parts[1:], parts[0]) for parts in zip(*totals))
+
+
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimizer step (or micro-step, with accumulation) of teacher forcing; jit-compiled.
 
@@ -296,7 +334,7 @@ def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     batch = sharding.constrain(batch, state.mesh, sharding.batch_axes)
 
     def loss_fn(params):
-        loss_sum, count, correct = _sums(_logits(params, mc, tc, batch, dropout_rng), batch)
+        loss_sum, count, correct = _group_sums(params, mc, tc, batch, dropout_rng, state.mesh)
         return loss_sum / jnp.maximum(count, 1.0), (count, correct)
 
     (loss, (count, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

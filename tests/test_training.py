@@ -75,6 +75,22 @@ def test_padding_weights_exclude_padding():
     chex.assert_trees_all_close(s1.params, s2.params, atol=0, rtol=0)
 
 
+def test_row_groups_equal_one_group(monkeypatch):
+    """The CPU step's independent row groups give the loss, metrics and update of one group:
+    padded rows and rows of different lengths in each group, fp32, 1e-6."""
+    batch = _batch(jax.random.key(12), lengths=[17, 5, 11, 1])
+    monkeypatch.setattr(training, "CPU_ROW_GROUPS", 1)
+    one_state, one = jax.jit(lambda s, b: training._train_step(s, b))(_state(), batch)
+    monkeypatch.setattr(training, "CPU_ROW_GROUPS", 2)
+    monkeypatch.setattr(training, "CPU_GROUP_MIN_TOKENS", 1)
+    assert training.row_groups(batch["tokens"].shape, None) == 2
+    two_state, two = jax.jit(lambda s, b: training._train_step(s, b))(_state(), batch)
+    for name in one:
+        np.testing.assert_allclose(float(two[name]), float(one[name]), rtol=1e-6, err_msg=name)
+    chex.assert_trees_all_close(two_state.params, one_state.params, atol=1e-6, rtol=1e-6)
+    assert training.row_groups((3, 1025), None) == 1, "an odd batch keeps one group"
+
+
 @pytest.mark.slow  # two train-step compilations: ~23 s (loaded 2-core CPU)
 def test_gradient_accumulation_equals_one_big_batch():
     """k micro-batches through optax.MultiSteps == one batch of k times the size (fp32, 1e-6)."""
