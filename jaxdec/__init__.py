@@ -10,7 +10,7 @@ meaning everywhere):
     P  prompt length (padded width)   D  model dim
     C  prefill chunk length           F  MLP hidden dim
     L  layers                         V  vocabulary
-    W  beam width (beam search only)
+    W  beam width (beam search only)  I, O  a dense layer's input and output width
 
 Counts without a letter are spelled out (max_new_tokens, capacity, width). Boolean masks are
 True where attention is allowed. Example: `jnp.einsum("BTNH,BSNH->BNTS", q, k)`.
