@@ -20,7 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxdec import checks, family, sampling, sharding
-from jaxdec.decode import GenerateResult, prefill_and_step, prepare_inputs
+from jaxdec.decode import (
+    DecodeProgram,
+    GenerateResult,
+    prefill_and_step,
+    prepare_inputs,
+)
 from jaxdec.sampling import Greedy, Sampler
 
 NEG_INF = -1.0e9  # finite "impossible" score: keeps arithmetic NaN-free
@@ -109,13 +114,9 @@ def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, 
     return new, rows, run_tokens[:, :, t].reshape(B * W)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "beam_size", "max_new_tokens", "capacity", "length_penalty",
-                     "early_stopping", "sampler", "mesh"),
-)
-def _beam_search(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id, *,
-                 beam_size, max_new_tokens, capacity, length_penalty, early_stopping, sampler, mesh=None):
+def _beam_search_program(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id,
+                         *, beam_size, max_new_tokens, capacity, length_penalty, early_stopping, sampler,
+                         mesh=None):
     B, W, new = prompts.shape[0], beam_size, max_new_tokens
     fam = family.of(config)
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
@@ -164,6 +165,11 @@ def _beam_search(params, config, prompts, lengths, source, source_lengths, key, 
     best = jnp.where(jnp.arange(new, dtype=jnp.int32)[None, :] < best_len[:, None], best, pad_id)
     return (GenerateResult(tokens=best, lengths=best_len, logits=None, nonfinite=state.nonfinite),
             state.finished_scores[:, 0])
+
+
+_beam_search = DecodeProgram(_beam_search_program, static_argnames=(
+    "config", "beam_size", "max_new_tokens", "capacity", "length_penalty", "early_stopping", "sampler",
+    "mesh"))
 
 
 def beam_search(

@@ -194,7 +194,7 @@ def check_decoding():
     mesh = jaxdec.make_mesh(2, 2, 2)
     placed = jaxdec.shard_params(params, mesh)
     capacity = prompts.shape[1] + new
-    hlo = decode._generate.lower(
+    hlo = decode._generate.for_inputs(placed, mesh).lower(
         placed, MC, jnp.asarray(prompts), jnp.asarray(lengths), None, None, jax.random.key(0),
         jnp.asarray(-1, jnp.int32), jnp.asarray(0, jnp.int32), sampler=jaxdec.Greedy(),
         max_new_tokens=new, capacity=capacity, use_cache=True, return_logits=False,

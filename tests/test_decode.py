@@ -69,10 +69,12 @@ def test_cached_logits_equal_full_forward_at_every_step(decoder_config, params_f
 
     # One teacher-forcing pass over prompt + generated tokens; logits at position n - 1 + t
     # predict generated token t, and the causal mask makes them depend on that prefix only.
+    # float32: the two programs may run different matmul kernels on CPU (decode.CPU_DECODE_OPTIONS),
+    # so roundings differ by a few ulps of the logits (|logit| < 4 here).
     seqs, lengths = full_sequences(result.tokens)
     full = jaxdec.forward(params, c, seqs, lengths)
     for b, n in enumerate(PROMPT_LENGTHS):
-        chex.assert_trees_all_close(result.logits[b], full[b, n - 1 : n - 1 + MAX_NEW], atol=1e-5, rtol=0)
+        chex.assert_trees_all_close(result.logits[b], full[b, n - 1 : n - 1 + MAX_NEW], atol=1e-5, rtol=1e-5)
 
 
 def test_cached_equals_uncached(decoder_config, params_for):
@@ -254,9 +256,24 @@ def test_generate_greedy_ignores_key(params_for, base_config, key):
 # --- compilation ------------------------------------------------------------------------------
 
 
+def test_cpu_decode_options_change_kernels_not_results(params_for, base_config, monkeypatch):
+    """On CPU the decode program is compiled with decode.CPU_DECODE_OPTIONS (XLA's own dots in
+    place of YNNPACK's); {} compiles it with XLA's defaults. Both give the same greedy tokens and
+    the same logits to float32 rounding (1e-5 absolute plus relative, |logit| < 4)."""
+    params = params_for(base_config)
+    assert jax.default_backend() != "cpu" or decode._cpu_options_accepted(
+        tuple(sorted(decode.CPU_DECODE_OPTIONS.items())))
+    tuned_program, tuned = decode._generate.for_inputs(params), gen(params, base_config)
+    monkeypatch.setattr(decode, "CPU_DECODE_OPTIONS", {})
+    default_program, default = decode._generate.for_inputs(params), gen(params, base_config)
+    assert (tuned_program is not default_program) == (jax.default_backend() == "cpu")
+    np.testing.assert_array_equal(tuned.tokens, default.tokens)
+    chex.assert_trees_all_close(tuned.logits, default.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_no_recompilation_across_prompts(params_for, base_config):
     params = params_for(base_config)
-    compiled = decode._generate._cache_size
+    compiled = decode._generate.for_inputs(params)._cache_size
     rng = np.random.default_rng(0)
 
     # Same padded width, different lengths, contents, eos/pad ids, keys and array types.
