@@ -7,6 +7,8 @@ unbatched arrays so `vmap(attend)` over examples equals the batched call.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,6 +157,25 @@ def attend(
     return out
 
 
+# XLA's CPU compiler rewrites a sum over more than 32 elements into a windowed reduction that
+# does not fuse with the product feeding it; sums of at most 32 stay one fused kernel.
+SUM_CHUNK = 32
+
+
+def chunked_sum(x: jax.Array, axis: int) -> jax.Array:
+    """`jnp.sum(x, axis)`, computed as partial sums over chunks of at most SUM_CHUNK elements
+    (the largest divisor of the axis length that fits) that are then added one by one, so a
+    product summed this way stays one fused kernel on CPU. Equal to jnp.sum up to float rounding."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    size = max(d for d in range(1, min(n, SUM_CHUNK) + 1) if n % d == 0)
+    if n <= SUM_CHUNK or n // size > 8:  # short already, or too many chunks to add one by one
+        return jnp.sum(x, axis=axis)
+    parts = jnp.sum(x.reshape(x.shape[:axis] + (n // size, size) + x.shape[axis + 1:]), axis=axis + 1)
+    return functools.reduce(jnp.add, [jax.lax.index_in_dim(parts, i, axis, keepdims=False)
+                                      for i in range(n // size)])
+
+
 def attend_cache(
     q: jax.Array,
     k: jax.Array,
@@ -170,8 +191,10 @@ def attend_cache(
     The queries sit at slots end .. end + T - 1 and query t sees slots starts[b] .. end + t of
     its example. Keys are read in blocks of `block_size` slots, from the block holding the
     earliest start to the block holding the last query, with an online (running max and sum)
-    softmax, so a step costs what the filled slots need, not what the capacity holds. The
-    result equals `attend` over the whole cache with the same mask up to float rounding.
+    softmax, so a step costs what the filled slots need, not what the capacity holds. With one
+    query per row (a decode step) the scores and values are products summed in fused kernels
+    that read each block where it lies in the cache; with more (prefill chunks) they are dots.
+    The result equals `attend` over the whole cache with the same mask up to float rounding.
 
     Args:
       q: [B, T, N, H] queries.
@@ -216,14 +239,25 @@ def attend_cache(
         slots = s0 + jnp.arange(S, dtype=jnp.int32)  # [S]
         allowed = ((slots[None, None, :] >= jnp.maximum(lo, starts)[:, None, None])
                    & (slots[None, None, :] <= query_slots[None, :, None]))  # [B, T, S]
-        scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k_b).astype(jnp.float32)
+        if T == 1:
+            # A decode step: one query per row. Products summed in place read the block where it
+            # lies in the cache; on CPU a dot cannot read a dynamic slice, so it copies it first.
+            prod = qg[:, 0, :, :, None, :].astype(jnp.float32) * k_b[:, :, None].astype(jnp.float32)
+            scores = chunked_sum(prod, axis=-1)[:, :, :, None, :]  # [B, K, G, 1, S]
+        else:
+            scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k_b).astype(jnp.float32)
         scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1))
         shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # no -inf - -inf
         probs = jnp.exp(scores - shift[..., None])  # 0 at masked slots
         rescale = jnp.exp(row_max - shift)  # 0 while nothing was seen
         row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
-        acc = acc * rescale[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v_b)
+        if T == 1:
+            prod = probs[:, :, :, 0, :, None] * v_b[:, :, None].astype(jnp.float32)  # [B, K, G, S, H]
+            values = chunked_sum(prod, axis=-2)[:, :, :, None, :]  # [B, K, G, 1, H]
+        else:
+            values = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v_b)
+        acc = acc * rescale[..., None] + values
         return new_max, row_sum, acc
 
     init = (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxdec.attention import (
+    chunked_sum,
     attend,
     attend_cache,
     causal_mask,
@@ -408,6 +409,40 @@ def test_attend_cache_equals_masked_attention_over_the_whole_cache(num_kv_heads,
                                 jnp.asarray(end, jnp.int32), layer=jnp.asarray(layer), block_size=block_size)
         chex.assert_shape(out, (B, T, N, H))
         chex.assert_trees_all_close(out, expected.astype(np.float32), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_single_query_blocks_of_real_size_equal_masked_attention(head_dim):
+    """A decode step (one query per row) at a real head size and 64-slot blocks, where the
+    single-query path splits its sums over H and over the block's slots into chunks (H = 64:
+    2 x 32, H = 80: 4 x 20; slots: 2 x 32): equal to `attend` over the whole cache (1e-5)."""
+    B, N, K, L, capacity, block = 3, 4, 2, 2, 150, 64
+    rng = np.random.default_rng(head_dim)
+    end = 140
+    starts = np.array([0, 60, 139], np.int32)
+    k = rng.standard_normal((L, B, K, capacity, head_dim)).astype(np.float32)
+    v = rng.standard_normal((L, B, K, capacity, head_dim)).astype(np.float32)
+    k[:, :, :, end + 1:] = 1e4  # not written yet: read with the last block, masked
+    v[:, :, :, end + 1:] = 1e4
+    q = rng.standard_normal((B, 1, N, head_dim)).astype(np.float32)
+    slots = np.arange(capacity)
+    mask = (slots[None, None, :] >= starts[:, None, None]) & (slots[None, None, :] <= end)  # [B, 1, S]
+    kv = [np.swapaxes(np.nan_to_num(a[1]), 1, 2) for a in (k, v)]
+    expected = naive_attend(q, kv[0], kv[1], mask)
+    out = _attend_cache_jit(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(starts),
+                            jnp.asarray(end, jnp.int32), layer=jnp.asarray(1), block_size=block)
+    chex.assert_shape(out, (B, 1, N, head_dim))
+    chex.assert_trees_all_close(out, expected.astype(np.float32), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape, axis", [((3, 64), -1), ((2, 80, 5), 1), ((4, 67), -1), ((2, 128, 3), -2),
+                                         ((5, 8), 0)])
+def test_chunked_sum_equals_sum(shape, axis):
+    """Chunked partial sums equal one jnp.sum (float64 reference, 1e-5), including a prime
+    length (67, summed whole) and lengths under the chunk."""
+    x = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32)
+    got = chunked_sum(jnp.asarray(x), axis)
+    np.testing.assert_allclose(got, x.astype(np.float64).sum(axis), atol=1e-5, rtol=0)
 
 
 def test_attend_cache_row_with_no_keys_is_zero():
