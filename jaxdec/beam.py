@@ -125,7 +125,7 @@ def _beam_search_program(params, config, prompts, lengths, source, source_length
                                            source_lengths, use_cache=True)
     step = sharding.sharded_step(step, mesh)
     if mesh is None:
-        params = fam.loop_params(params)
+        params = fam.loop_params(params, config, B * W)
     state = BeamState(
         cache=sharding.constrain_caches(fam.repeat_rows(cache, W), mesh),
         running_tokens=jnp.full((B, W, new), pad_id, jnp.int32),

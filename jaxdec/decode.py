@@ -163,9 +163,11 @@ def prefill_and_step(params, config, tokens, lengths, capacity, source, source_l
 
 # XLA's CPU compiler hands matmuls to YNNPACK by default. A cached step multiplies only B rows
 # (the batch: 1 to a few dozen) by each weight, and there XLA's own (Eigen) dots were faster:
-# the bench config's batch-8 decode ran 1.25x faster in one process, interleaved A/B (batch 1
-# and GPT-2 small level). A compiler option of the decode programs only, not a process-global
-# XLA flag: the user's other programs keep XLA's defaults. {} compiles with the defaults.
+# the bench config decoded 1.25x faster at batch 8 on a 2-core Zen 3, and 1.4x (batch 1) to 2x
+# (batch 8) on a 2-core Zen 5 (in one process, interleaved A/B); GPT-2 small level on both, once
+# its tied head reads a [D, V] copy (`model.step_params`). A compiler option of the decode
+# programs only, not a process-global XLA flag: the user's other programs keep XLA's defaults.
+# {} compiles with the defaults.
 CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -221,7 +223,7 @@ def _generate_program(params, config, prompts, lengths, source, source_lengths, 
                                            source_lengths, use_cache)
     step = sharding.sharded_step(step, mesh)
     if use_cache and mesh is None:
-        params = family.of(config).loop_params(params)
+        params = family.of(config).loop_params(params, config, prompts.shape[0])
     return decode_loop(
         lambda p, c, t, pos: step(p, config, c, t, pos),
         params, sharding.constrain_caches(state, mesh), logits, lengths, sampler=sampler, key=key, max_new_tokens=max_new_tokens,

@@ -144,7 +144,9 @@ def output_logits(params: dict, config, x: jax.Array) -> jax.Array:
     """x [B,T,D] -> logits [B,T,V] in float32 (final norm for pre-LN; tied or separate head)."""
     if "final_norm" in params:
         x = layers.layer_norm(params["final_norm"], x, config.layer_norm_eps)
-    if config.tie_embeddings:
+    if "embed_t" in params:  # the tied head's [D, V] copy (`step_params`)
+        logits = jnp.einsum("BTD,DV->BTV", x, params["embed_t"].astype(x.dtype))
+    elif config.tie_embeddings:
         logits = jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(x.dtype))
     else:
         logits = jnp.einsum("BTD,DV->BTV", x, params["head"].astype(x.dtype))
@@ -294,20 +296,29 @@ def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cros
     return x, kv_cache.advance(cache.replace(k=k_all, v=v_all), C)
 
 
-def step_params(params: dict) -> dict:
-    """params with "layers" as a list of L per-layer dicts, for a loop of cached steps, when
-    L <= SPLIT_LAYERS_MAX; otherwise params unchanged (the step scans the stacked layers).
+def step_params(params: dict, config, batch: int) -> dict:
+    """params laid out for a loop of cached steps over `batch` rows: "layers" as a list of L
+    per-layer dicts when L <= SPLIT_LAYERS_MAX (deeper models scan the stacked layers), and, for
+    a tied head with batch > 1, "embed_t": the embedding's [D, V] transposed copy.
 
     Inside a loop, reading layer i of a stacked [L, ...] weight copies it first on CPU (a
     dynamic slice is its own kernel; the matmul does not read through it), so every step read
     the weights twice and wrote them once. Split once before the loop, each step's matmuls read
     the weights in place; the cost is one copy of the layer weights while the loop runs, and a
     step program that grows with depth (hence the bound).
+
+    The tied head multiplies a few rows by the [V, D] embedding contracted on its minor axis.
+    On CPU that matmul ran 2-16x slower than the same one against a [D, V] weight for 2 to 16
+    rows (XLA's Eigen dots; YNNPACK's 1.3x), so the loop reads a copy made once per call. One
+    row (a matrix-vector product) reads [V, D] as fast, and keeps it without the copy.
     """
+    out = dict(params)
     L = jax.tree.leaves(params["layers"])[0].shape[0]
-    if L > SPLIT_LAYERS_MAX:
-        return params
-    return params | {"layers": unstack_blocks(params["layers"])}
+    if L <= SPLIT_LAYERS_MAX:
+        out["layers"] = unstack_blocks(params["layers"])
+    if config.tie_embeddings and batch > 1:
+        out["embed_t"] = params["embed"].T  # [D, V]; loop-invariant, so computed once before the loop
+    return out
 
 
 def extend(params: dict, config: DecoderConfig, cache: KVCache, tokens: jax.Array,

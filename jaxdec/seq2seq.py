@@ -172,6 +172,11 @@ def recompute_step(params, config, state: Seq2SeqBuffer, tokens, positions):
 # --- the encoder-decoder family ---------------------------------------------------------------
 
 
+def _loop_params(params: dict, config: Seq2SeqConfig, batch: int) -> dict:
+    """The decoder's weights laid out for a loop of cached steps (`model.step_params`)."""
+    return {**params, "decoder": model.step_params(decoder_view(params), config, batch)}
+
+
 def _select_rows(cache: Seq2SeqCache, rows: jax.Array) -> Seq2SeqCache:
     return cache.replace(self_kv=model.select_cache_rows(cache.self_kv, rows))
 
@@ -191,5 +196,6 @@ FAMILY = family.Family(
     recompute_step=recompute_step,
     select_rows=_select_rows,
     repeat_rows=_repeat_rows,
+    loop_params=_loop_params,
 )
 family.register(Seq2SeqConfig, FAMILY)

@@ -504,6 +504,30 @@ def test_extend_chunk_equals_forward(params_for, decoder_configs):
         chex.assert_trees_all_close(logits[b], expected.astype(np.float32), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_step_params_change_no_logit(tied, params_for, base_config):
+    """The decode loop's layout (`step_params`: per-layer weights, and for a tied head with
+    batch > 1 the embedding's [D, V] copy) gives the stacked params' step logits (1e-5: the same
+    products, summed in another order)."""
+    c = dataclasses.replace(base_config, tie_embeddings=tied)
+    params = params_for(c)
+    one, many = model.step_params(params, c, 1), model.step_params(params, c, B)
+    assert isinstance(many["layers"], list) and len(many["layers"]) == c.num_layers
+    assert "embed_t" not in one
+    if tied:
+        np.testing.assert_array_equal(many["embed_t"], np.asarray(params["embed"]).T)
+    else:
+        assert "embed_t" not in many
+    prompts, _, _ = _prompts(c.vocab_size)
+    logits, cache = prefill_jit(params, c, jnp.asarray(prompts), jnp.asarray(PROMPT_LENGTHS), CAPACITY)
+    nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+    expected, expected_cache = decode_step_jit(params, c, cache, nxt, jnp.asarray(PROMPT_LENGTHS))
+    for laid_out in (one, many):
+        got, got_cache = decode_step_jit(laid_out, c, cache, nxt, jnp.asarray(PROMPT_LENGTHS))
+        chex.assert_trees_all_close(got, expected, atol=1e-5, rtol=0)
+        chex.assert_trees_all_close(got_cache.k, expected_cache.k, atol=1e-6, rtol=0)
+
+
 def test_decode_step_then_uncached_recompute_agree(params_for, base_config):
     c = base_config
     params = params_for(c)
