@@ -16,7 +16,8 @@ Counts without a letter are spelled out (max_new_tokens, capacity, width). Boole
 True where attention is allowed. Example: `jnp.einsum("BTNH,BSNH->BNTS", q, k)`.
 
 Public API: configs (DecoderConfig, Seq2SeqConfig, TrainConfig), `init_params`, `forward`,
-`check_params`, `generate` and `beam_search` with samplers (Greedy, Temperature, TopK, TopP, or
+`check_params`, `generate` and `beam_search` (on params, or on `decode_params(params, config)`
+laid out once for many calls) with samplers (Greedy, Temperature, TopK, TopP, or
 any `Sampler`), training (`create_train_state`, `train_step`, `train_step_checked`,
 `eval_step`) and sharding (`make_mesh`, `shard_params`, `shard_batch`). Each model family (decoder-only `model`, encoder-decoder
 `seq2seq`) is reached through `jaxdec.family.of(config)`; Hugging Face checkpoints through
@@ -27,12 +28,13 @@ from jaxdec.api import check_params, forward, forward_checked, init_params
 from jaxdec.beam import beam_search
 from jaxdec.cache import KVCache
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
-from jaxdec.decode import DecodeState, GenerateResult, generate
+from jaxdec.decode import DecodeParams, DecodeState, GenerateResult, decode_params, generate
 from jaxdec.sampling import Greedy, Sampler, Temperature, TopK, TopP
 from jaxdec.sharding import make_mesh, shard_batch, shard_params
 from jaxdec.training import TrainState, create_train_state, eval_step, train_step, train_step_checked
 
 __all__ = [
+    "DecodeParams",
     "DecodeState",
     "DecoderConfig",
     "GenerateResult",
@@ -48,6 +50,7 @@ __all__ = [
     "create_train_state",
     "beam_search",
     "check_params",
+    "decode_params",
     "eval_step",
     "forward",
     "forward_checked",

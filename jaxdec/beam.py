@@ -23,6 +23,8 @@ from jaxdec import checks, family, sampling, sharding
 from jaxdec.decode import (
     DecodeProgram,
     GenerateResult,
+    check_layout,
+    loop_weights,
     prefill_and_step,
     prepare_inputs,
 )
@@ -121,11 +123,10 @@ def _beam_search_program(params, config, prompts, lengths, source, source_length
     fam = family.of(config)
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
         mesh, params, (prompts, lengths, source, source_lengths))
+    params = loop_weights(params, config, B * W, mesh)  # before the prefill: it reads the same layout
     logits, cache, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
                                            source_lengths, use_cache=True)
     step = sharding.sharded_step(step, mesh)
-    if mesh is None:
-        params = fam.loop_params(params, config, B * W)
     state = BeamState(
         cache=sharding.constrain_caches(fam.repeat_rows(cache, W), mesh),
         running_tokens=jnp.full((B, W, new), pad_id, jnp.int32),
@@ -207,6 +208,7 @@ def beam_search(
       int32 [B], nonfinite bool [B]) and the best hypotheses' scores float32 [B].
     """
     checks.positive_int("beam_size", beam_size)
+    check_layout(params, mesh)
     inputs, capacity = prepare_inputs(params, config, prompts, prompt_lengths, source, source_lengths,
                                       max_new_tokens, capacity, sampler, key, eos_id, pad_id)
     if beam_size * 2 > config.vocab_size:

@@ -299,7 +299,8 @@ def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cros
 def step_params(params: dict, config, batch: int) -> dict:
     """params laid out for a loop of cached steps over `batch` rows: "layers" as a list of L
     per-layer dicts when L <= SPLIT_LAYERS_MAX (deeper models scan the stacked layers), and, for
-    a tied head with batch > 1, "embed_t": the embedding's [D, V] transposed copy.
+    a tied head with batch > 1, "embed_t": the embedding's [D, V] transposed copy. Params laid
+    out already are taken as they are (and lose "embed_t" for batch 1).
 
     Inside a loop, reading layer i of a stacked [L, ...] weight copies it first on CPU (a
     dynamic slice is its own kernel; the matmul does not read through it), so every step read
@@ -313,11 +314,14 @@ def step_params(params: dict, config, batch: int) -> dict:
     row (a matrix-vector product) reads [V, D] as fast, and keeps it without the copy.
     """
     out = dict(params)
-    L = jax.tree.leaves(params["layers"])[0].shape[0]
-    if L <= SPLIT_LAYERS_MAX:
+    stacked = not isinstance(params["layers"], list)
+    if stacked and jax.tree.leaves(params["layers"])[0].shape[0] <= SPLIT_LAYERS_MAX:
         out["layers"] = unstack_blocks(params["layers"])
     if config.tie_embeddings and batch > 1:
-        out["embed_t"] = params["embed"].T  # [D, V]; loop-invariant, so computed once before the loop
+        if "embed_t" not in params:  # params laid out already (`decode.decode_params`) keep theirs
+            out["embed_t"] = params["embed"].T  # [D, V]; loop-invariant, so computed once before the loop
+    else:
+        out.pop("embed_t", None)
     return out
 
 

@@ -90,7 +90,11 @@ def encode(params: dict, config: Seq2SeqConfig, source: jax.Array, source_length
 def cross_kv(params: dict, config: Seq2SeqConfig, encoded: jax.Array, source_lengths: jax.Array) -> CrossKV:
     """Projects every decoder layer's cross-attention K/V from encoded [B, S, D], once."""
     project = lambda p: layers.project_kv(p, encoded, config.kv_heads)  # noqa: E731 - one use
-    k, v = jax.vmap(project)(decoder_view(params)["layers"]["cross"])  # [L, B, S, K, H]
+    blocks = decoder_view(params)["layers"]
+    if isinstance(blocks, list):  # per-layer weights (`model.step_params`)
+        k, v = (jnp.stack(a) for a in zip(*(project(p["cross"]) for p in blocks)))
+    else:
+        k, v = jax.vmap(project)(blocks["cross"])  # [L, B, S, K, H]
     return CrossKV(k=jnp.swapaxes(k, 2, 3), v=jnp.swapaxes(v, 2, 3),
                    lengths=source_lengths.astype(jnp.int32))
 

@@ -4,6 +4,8 @@ validation of every bad input before any compute."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -88,6 +90,45 @@ def test_cached_equals_uncached(decoder_config, params_for):
     chex.assert_trees_all_close(cached.logits, uncached.logits, atol=1e-5, rtol=0)
     # Not a trivially constant output: every step's logits differ from the previous step's.
     assert np.abs(np.diff(np.asarray(cached.logits), axis=1)).max(-1).min() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["learned", "untied_relu_nobias"])
+def test_decode_params_give_the_same_tokens_logits_and_beams(name, decoder_configs, params_for):
+    """`decode_params` (the loop layout, made once) decodes as the model's params do: the same
+    greedy tokens and logits (1e-6: the same kernels on the same weights) at batch 3 and at
+    batch 1 (which ignores the tied head's copy), and the same beams and scores."""
+    c = decoder_configs[name]
+    params = params_for(c)
+    laid_out = jaxdec.decode_params(params, c)
+    assert isinstance(laid_out.weights["layers"], list)
+    assert ("embed_t" in laid_out.weights) == c.tie_embeddings
+    for rows in (slice(None), slice(1, 2)):
+        plain = gen(params, c, PROMPTS[rows], PROMPT_LENGTHS[rows])
+        once = gen(laid_out, c, PROMPTS[rows], PROMPT_LENGTHS[rows])
+        np.testing.assert_array_equal(once.tokens, plain.tokens)
+        chex.assert_trees_all_close(once.logits, plain.logits, atol=1e-6, rtol=0)
+    beams, scores = jaxdec.beam_search(params, c, PROMPTS, PROMPT_LENGTHS, beam_size=2, max_new_tokens=4)
+    beams_once, scores_once = jaxdec.beam_search(laid_out, c, PROMPTS, PROMPT_LENGTHS, beam_size=2, max_new_tokens=4)
+    np.testing.assert_array_equal(beams_once.tokens, beams.tokens)
+    chex.assert_trees_all_close(scores_once, scores, atol=1e-6, rtol=0)
+
+
+def test_decode_params_refuse_what_they_do_not_serve(params_for, base_config):
+    """ValueError before any compute: another config, the uncached baseline, a mesh, params
+    that do not match the config."""
+    params = params_for(base_config)
+    laid_out = jaxdec.decode_params(params, base_config)
+    other = dataclasses.replace(base_config, max_len=base_config.max_len + 1)
+    with pytest.raises(ValueError, match="laid out for"):
+        gen(laid_out, other)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        gen(laid_out, base_config, use_cache=False)
+    with pytest.raises(ValueError, match="mesh"):
+        gen(laid_out, base_config, mesh=jaxdec.make_mesh())
+    with pytest.raises(ValueError, match="mesh"):
+        jaxdec.beam_search(laid_out, base_config, PROMPTS, beam_size=2, max_new_tokens=2, mesh=jaxdec.make_mesh())
+    with pytest.raises(ValueError, match="shape"):
+        jaxdec.decode_params(params, dataclasses.replace(base_config, d_model=base_config.d_model * 2))
 
 
 @pytest.mark.parametrize(

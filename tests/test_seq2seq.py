@@ -57,6 +57,17 @@ def test_forward_shapes(model):
     chex.assert_tree_all_finite(logits)
 
 
+def test_decode_params_decode_as_the_params_do(model):
+    """`decode_params` (the decoder's loop layout, made once) gives the same tokens and logits
+    (1e-6: the same kernels on the same weights) as the model's params."""
+    config, params = model
+    laid_out = jaxdec.decode_params(params, config)
+    assert isinstance(laid_out.weights["decoder"]["layers"], list)
+    plain, once = _generate(params, config), _generate(laid_out, config)
+    np.testing.assert_array_equal(once.tokens, plain.tokens)
+    chex.assert_trees_all_close(once.logits, plain.logits, atol=1e-6, rtol=0)
+
+
 def test_cached_equals_uncached_and_full_forward(model):
     """Cached, cross-recomputed and uncached decoding agree in tokens and logits (fp32, 1e-5), and
     each step's logits equal a full forward pass over that example alone."""
