@@ -19,7 +19,8 @@ The functions, with B batch, T / P token and prompt lengths, S cache capacity, V
 - select_rows(cache, rows int32 [R]) -> cache with rows reordered (beam search; only filled
   slots are moved), repeat_rows(cache, n) -> each row repeated n times (B -> B * n).
 - loop_params(params, config, batch) -> params laid out for a loop of cached steps over `batch`
-  rows (default: unchanged), run once before the decode loop; `step` must accept both layouts.
+  rows (default: unchanged), run once before the prefill; prefill and `step` must accept both
+  layouts, and laying out params laid out already must give them back.
 Arguments a family does not use (e.g. source for the decoder-only LM) are None.
 """
 

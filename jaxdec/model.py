@@ -309,9 +309,9 @@ def step_params(params: dict, config, batch: int) -> dict:
     step program that grows with depth (hence the bound).
 
     The tied head multiplies a few rows by the [V, D] embedding contracted on its minor axis.
-    On CPU that matmul ran 2-16x slower than the same one against a [D, V] weight for 2 to 16
-    rows (XLA's Eigen dots; YNNPACK's 1.3x), so the loop reads a copy made once per call. One
-    row (a matrix-vector product) reads [V, D] as fast, and keeps it without the copy.
+    On CPU that matmul ran slower than the same one against a [D, V] weight for 2 to 16 rows
+    (2-16x with XLA's own dots, 1.3x with YNNPACK's), so the loop reads a copy made once per
+    call. One row (a matrix-vector product) reads [V, D] as fast, and keeps it without the copy.
     """
     out = dict(params)
     stacked = not isinstance(params["layers"], list)
