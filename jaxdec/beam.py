@@ -208,7 +208,7 @@ def beam_search(
       int32 [B], nonfinite bool [B]) and the best hypotheses' scores float32 [B].
     """
     checks.positive_int("beam_size", beam_size)
-    check_layout(params, mesh)
+    check_layout(params, config, mesh)
     inputs, capacity = prepare_inputs(params, config, prompts, prompt_lengths, source, source_lengths,
                                       max_new_tokens, capacity, sampler, key, eos_id, pad_id)
     if beam_size * 2 > config.vocab_size:

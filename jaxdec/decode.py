@@ -105,10 +105,13 @@ def decode_params(params, config: DecoderConfig | Seq2SeqConfig) -> DecodeParams
     return DecodeParams(weights=_layout(params, config), config=config)
 
 
-def check_layout(params, mesh, use_cache: bool = True) -> None:
-    """DecodeParams serve cached decoding without a mesh (ValueError otherwise)."""
+def check_layout(params, config, mesh, use_cache: bool = True) -> None:
+    """DecodeParams serve cached decoding of their own config without a mesh (ValueError
+    otherwise)."""
     if not isinstance(params, DecodeParams):
         return
+    if params.config != config:
+        raise ValueError(f"these DecodeParams were laid out for {params.config}, not for {config}")
     if mesh is not None:
         raise ValueError("DecodeParams are for decoding without a mesh: pass the placed params with mesh=")
     if not use_cache:
@@ -119,10 +122,10 @@ def loop_weights(params, config, batch: int, mesh=None):
     """The weights a loop of cached steps over `batch` rows reads (inside a decode program):
     the family's loop layout, except on a mesh (the stacked params keep their sharding)."""
     if isinstance(params, DecodeParams):
-        return family.of(config).loop_params(params.weights, config, batch)
-    if mesh is None:
-        return family.of(config).loop_params(params, config, batch)
-    return params
+        params = params.weights
+    elif mesh is not None:
+        return params
+    return family.of(config).loop_params(params, config, batch)
 
 
 def _nonfinite_rows(logits: jax.Array) -> jax.Array:
@@ -311,10 +314,7 @@ def _check_generate_args(params, config, prompts, prompt_lengths, max_new_tokens
     share; prompts' rank and dtype and max_new_tokens are checked by `prepare_inputs` (the
     defaults need them), prompt_lengths and capacity already hold their defaults."""
     api.check_config(config)
-    if isinstance(params, DecodeParams):
-        if params.config != config:
-            raise ValueError(f"these DecodeParams were laid out for {params.config}, not for {config}")
-    else:
+    if not isinstance(params, DecodeParams):  # DecodeParams: checked when laid out, config by check_layout
         api.check_params(params, config)
     B, P = np.shape(prompts)
     if B == 0 or P == 0:
@@ -453,7 +453,7 @@ def generate(
       ValueError before any compute for params that do not match config, bad shapes, dtypes,
       ids, lengths, sizes, samplers or special ids.
     """
-    check_layout(params, mesh, use_cache)
+    check_layout(params, config, mesh, use_cache)
     inputs, capacity = prepare_inputs(params, config, prompts, prompt_lengths, source, source_lengths,
                                       max_new_tokens, capacity, sampler, key, eos_id, pad_id)
     return _generate(
