@@ -96,9 +96,9 @@ def decode_params(params, config: DecoderConfig | Seq2SeqConfig) -> DecodeParams
     Every decode program otherwise lays the weights out anew on each call, because on CPU a
     loop cannot read layer i of a stacked [L, ...] weight in place. For a large model that copy
     into fresh memory costs as much as a dozen steps (GPT-2 small on a 2-core CPU: 0.13-0.2 s
-    per call at batch 1, 0.45-0.6 s at batch 8). The result holds its own copy of the weights: memory
-    holds both layouts for as long as both are referenced. ValueError if params do not match
-    config.
+    per call at batch 1, 0.45-0.6 s at batch 8). The result holds its own copy of the weights:
+    memory holds both layouts for as long as both are referenced. ValueError if params do not
+    match config.
     """
     api.check_config(config)
     api.check_params(params, config)
