@@ -41,6 +41,18 @@ def draw_in_turn(sampler, logits: jax.Array, key: jax.Array, n: int) -> jax.Arra
     return ids.T
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the last axis, int32: the first index of the row's max, or of its first
+    NaN if it has one (the max is then NaN). Computed as two plain reductions (the max, then the
+    lowest index holding it): XLA's CPU backend runs argmax's (value, index) reduction 3x slower
+    (measured on a 2-core CPU: 1.07 vs 0.37 ms per decode step for 8 rows of GPT-2's 50257
+    logits, 0.24 vs 0.08 ms for one row)."""
+    V = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == best) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1).astype(jnp.int32)
+
+
 class Sampler:
     """Optional base class of samplers: subclass it as a frozen dataclass, set `stochastic`, and
     write `__call__(logits float32 [B, V], key) -> int32 [B]`."""
@@ -68,7 +80,7 @@ class Greedy(Sampler):
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         del key
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
 
     def draw(self, logits: jax.Array, key: jax.Array, n: int) -> jax.Array:
         """The n highest logits, best first (what n argmaxes in turn would give), in one top_k."""

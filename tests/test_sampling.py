@@ -82,6 +82,22 @@ def test_greedy_is_argmax_ignores_key_and_breaks_ties_low():
     np.testing.assert_array_equal(Greedy()(tied, jax.random.key(0)), [1, 0])
 
 
+def test_greedy_matches_numpy_argmax_on_nonfinite_rows_under_jit():
+    """Greedy's two-reduction argmax against numpy's: the first NaN wins over everything, inf
+    over finite values, a row of -inf gives id 0; under jit (the decode loop's setting)."""
+    nan, inf = np.nan, np.inf
+    rows = np.array([[1.0, nan, 3.0, nan, 2.0],
+                     [-inf, -inf, -inf, -inf, -inf],
+                     [inf, 0.0, inf, 1.0, -inf],
+                     [-inf, -1.0, -inf, -2.0, -1.0],
+                     [3.0, 2.0, 1.0, 0.0, nan],
+                     [-0.0, 0.0, -1.0, -0.0, -5.0]], np.float32)
+    got = jax.jit(Greedy())(jnp.asarray(rows), jax.random.key(0))
+    np.testing.assert_array_equal(got, np.argmax(rows, axis=-1))
+    np.testing.assert_array_equal(got, [1, 0, 0, 1, 4, 0])
+    assert got.dtype == jnp.int32
+
+
 # --- support ----------------------------------------------------------------------------------
 
 
