@@ -242,8 +242,10 @@ def attend_cache(
         if T == 1:
             # A decode step: one query per row. Products summed in place read the block where it
             # lies in the cache; on CPU a dot cannot read a dynamic slice, so it copies it first.
+            # The scores sum over H in one reduction (measured in the bench's decode program,
+            # interleaved: 3% faster at batch 1 and 8 than in chunks of 32).
             prod = qg[:, 0, :, :, None, :].astype(jnp.float32) * k_b[:, :, None].astype(jnp.float32)
-            scores = chunked_sum(prod, axis=-1)[:, :, :, None, :]  # [B, K, G, 1, S]
+            scores = jnp.sum(prod, axis=-1)[:, :, :, None, :]  # [B, K, G, 1, S]
         else:
             scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k_b).astype(jnp.float32)
         scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
