@@ -214,15 +214,15 @@ def attend_cache(
         raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
     G = N // K
     query_slots = end + jnp.arange(T, dtype=jnp.int32)  # [T]
-    if capacity <= block_size:
-        # One block: the plain masked attention, no loop (as fast as before for small caches).
+    if capacity <= block_size and T > 1:
+        # One block: the plain masked attention, no loop.
         k_l = jax.lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)  # [B, K, S, H]
         v_l = jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
         mask = key_range_mask(starts, jnp.full_like(starts, capacity), capacity)[:, None, :]  # [B, 1, S]
         mask = mask & (jnp.arange(capacity, dtype=jnp.int32)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
         return attend(q, k_l, v_l, mask, heads_first=True, zero_unseen_values=False)
 
-    S = block_size  # the key slots of one block: the S of the einsums below
+    S = min(block_size, capacity)  # the key slots of one block: the S of the einsums below
     qg = (q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, q.dtype))  # [B, T, K, G, H]
     first = jnp.min(starts) // S
     last = (end + T - 1) // S  # the block of the last query, inclusive
@@ -264,6 +264,12 @@ def attend_cache(
 
     init = (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
             jnp.zeros((B, K, G, T, H), jnp.float32))
-    _, row_sum, acc = jax.lax.fori_loop(first, last + 1, block, init)
+    if capacity <= block_size:
+        # A decode step over a small cache: its one block, read in place, with no loop. (The
+        # plain attention above reads the layer through dots, which copy it out of the cache
+        # first: GPT-2 small at batch 8 with 72 slots decoded 7% faster this way, interleaved.)
+        _, row_sum, acc = block(0, init)
+    else:
+        _, row_sum, acc = jax.lax.fori_loop(first, last + 1, block, init)
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]  # rows that saw nothing: zeros
     return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, N, H).astype(q.dtype)

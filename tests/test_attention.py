@@ -380,12 +380,13 @@ _attend_cache_jit = jax.jit(attend_cache, static_argnames="block_size")
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 @pytest.mark.parametrize("capacity", [13, 16])  # 13: not a multiple of any block size used
-@pytest.mark.parametrize("block_size", [3, 4, 5])
+@pytest.mark.parametrize("block_size", [3, 4, 5, 13, 16])  # 13, 16: the whole cache in one block
 def test_attend_cache_equals_masked_attention_over_the_whole_cache(num_kv_heads, capacity, block_size):
     """Rows of lengths 1, block-1, block, block+1 and the full filled length, at several ends
     and query counts: the blocked online softmax equals `attend` over all S slots with the
     cache's mask (1e-5). Slots past the newest query hold large garbage inside its block (they
-    are masked) and NaN beyond it (those blocks are never read)."""
+    are masked) and NaN beyond it (those blocks are never read). A cache of at most one block
+    takes the loop-free paths (one query: the single block read in place; more: `attend`)."""
     B, N, H, L = 5, 4, 8, 2
     rng = np.random.default_rng(capacity * 10 + block_size)
     for T, end in ((1, 6), (1, capacity - 1), (3, 7), (2, capacity - 2)):
@@ -414,8 +415,8 @@ def test_attend_cache_equals_masked_attention_over_the_whole_cache(num_kv_heads,
 @pytest.mark.parametrize("head_dim", [64, 80])
 def test_single_query_blocks_of_real_size_equal_masked_attention(head_dim):
     """A decode step (one query per row) at a real head size and 64-slot blocks, where the
-    single-query path splits its sums over H and over the block's slots into chunks (H = 64:
-    2 x 32, H = 80: 4 x 20; slots: 2 x 32): equal to `attend` over the whole cache (1e-5)."""
+    single-query path sums the scores over H in one reduction and the values over the block's
+    slots in chunks (2 x 32): equal to `attend` over the whole cache (1e-5)."""
     B, N, K, L, capacity, block = 3, 4, 2, 2, 150, 64
     rng = np.random.default_rng(head_dim)
     end = 140
