@@ -485,6 +485,34 @@ def measure_read_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
     return x.nbytes / min(times)
 
 
+def measure_matvec_bandwidth(num_matrices: int = 24, shape: tuple[int, int] = (768, 3072),
+                             repeats: int = 7) -> float:
+    """Bytes/s at which XLA's matrix-vector products stream weights (best of `repeats`): a jitted
+    chain through `num_matrices` distinct float32 matrices of shape (D, F), F a multiple of D
+    (GPT-2 small's MLP shape; 216 MB by default, more than a CPU's cache), each product feeding the
+    next vector through all its columns, so none is hoisted out of the chain or trimmed. Beside
+    `measure_read_bandwidth` it shows how much of the plain read rate a batch-1 step's dots can
+    reach on this machine."""
+    D, F = shape
+    keys = jax.random.split(jax.random.key(0), num_matrices)
+    weights = [jax.random.normal(k, (D, F), jnp.float32) * D**-0.5 for k in keys]
+
+    @jax.jit
+    def chain(weights, x):
+        for w in weights:  # x [1, D] @ w [D, F] -> [1, F], folded back to [1, D]
+            x = jnp.tanh(jnp.sum((x @ w).reshape(1, F // D, D), axis=1))
+        return x
+
+    x = jnp.ones((1, D), jnp.float32)
+    jax.block_until_ready(chain(weights, x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(chain(weights, x))
+        times.append(time.perf_counter() - t0)
+    return sum(w.nbytes for w in weights) / min(times)
+
+
 def decode_bytes_per_step(config: jaxdec.DecoderConfig, params: dict, capacity: int) -> int:
     """Bytes one batch-1 cached step must read: every weight once (the tied head reads the
     whole [V, D] embedding; the lookup only one row of it and of pos_embed), plus a full KV
@@ -501,7 +529,8 @@ def bench_gpt2(batches=(1, 8), prompt_len=8, new_tokens=64, repeats=3, hf: bool 
                dtypes=("float32",)) -> list[dict]:
     """GPT-2 small (124M params, random weights through `jaxdec.convert.from_gpt2`): greedy
     cached decode tokens/s, at batch 1 as a fraction of the memory-bandwidth limit (bytes read
-    per step / measured read bandwidth), and beside Hugging Face `generate` on the same weights
+    per step / measured read bandwidth; and of the rate XLA's matrix-vector products stream
+    weights at, `measure_matvec_bandwidth`), and beside Hugging Face `generate` on the same weights
     (needs torch and transformers; `hf=False` skips it). bfloat16 weights halve the bytes; their
     row states how many greedy tokens match the float32 run. tokens_per_s decodes from
     `jaxdec.decode_params` (laid out once); tokens_per_s_params_laid_out_per_call passes the
@@ -524,7 +553,7 @@ def bench_gpt2(batches=(1, 8), prompt_len=8, new_tokens=64, repeats=3, hf: bool 
         hf_model, config = None, jaxdec.DecoderConfig(50257, 12, 768, 12, 1024)
         params = jaxdec.init_params(config, jax.random.key(0))
     params = jax.tree.map(jnp.asarray, params)
-    bandwidth = measure_read_bandwidth()
+    bandwidth, matvec_bandwidth = measure_read_bandwidth(), measure_matvec_bandwidth()
     capacity = prompt_len + new_tokens
     rows, reference = [], {}
     for batch in batches:
@@ -550,7 +579,9 @@ def bench_gpt2(batches=(1, 8), prompt_len=8, new_tokens=64, repeats=3, hf: bool 
                 limit = bandwidth / step_bytes  # steps/s if every step streamed its bytes at the measured rate
                 row |= {"bytes_per_step": step_bytes, "read_gb_per_s": round(bandwidth / 1e9, 1),
                         "bandwidth_limit_tokens_per_s": round(limit, 1),
-                        "fraction_of_bandwidth_limit": round(tok_s / limit, 3)}
+                        "fraction_of_bandwidth_limit": round(tok_s / limit, 3),
+                        "matvec_read_gb_per_s": round(matvec_bandwidth / 1e9, 1),
+                        "fraction_of_matvec_limit": round(tok_s * step_bytes / matvec_bandwidth, 3)}
             if dtype == "float32":
                 reference[batch] = tokens
             else:
