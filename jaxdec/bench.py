@@ -477,11 +477,7 @@ def measure_read_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
     x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     jax.block_until_ready(total(x))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(total(x))
-        times.append(time.perf_counter() - t0)
+    _, times = _median_seconds(lambda: total(x), repeats)
     return x.nbytes / min(times)
 
 
@@ -505,11 +501,7 @@ def measure_matvec_bandwidth(num_matrices: int = 24, shape: tuple[int, int] = (7
 
     x = jnp.ones((1, D), jnp.float32)
     jax.block_until_ready(chain(weights, x))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(chain(weights, x))
-        times.append(time.perf_counter() - t0)
+    _, times = _median_seconds(lambda: chain(weights, x), repeats)
     return sum(w.nbytes for w in weights) / min(times)
 
 
