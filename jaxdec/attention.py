@@ -157,6 +157,35 @@ def attend(
     return out
 
 
+def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, query_block: int) -> jax.Array:
+    """`attend` of a sequence over itself under a causal mask, skipping the masked upper triangle.
+
+    The queries run in blocks of `query_block` rows; block [lo, hi) reads keys 0 .. hi - 1 only,
+    since the mask hides every later key from it. n blocks compute (n + 1) / 2n of the scores
+    and values that one pass over the whole square would.
+
+    Args:
+      q, k, v: [B, T, N, H], [B, T, K, H], [B, T, K, H]: queries and keys at the same T positions.
+      mask: bool broadcastable to [B, T, T], True where allowed, and False wherever key s > query
+        t (causal; padding may hide more). Keys past a block's last row are never read, so a mask
+        that allowed one would not be obeyed.
+      query_block: query rows per block; T <= query_block runs `attend` in one pass.
+
+    Returns:
+      [B, T, N, H], equal to `attend(q, k, v, mask)` up to float rounding.
+    """
+    T = q.shape[1]
+    if T <= query_block:
+        return attend(q, k, v, mask)
+    mask = jnp.asarray(mask)
+    mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, T, T))  # [B or 1, T, T]
+    blocks = []
+    for lo in range(0, T, query_block):
+        hi = min(lo + query_block, T)
+        blocks.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, lo:hi, :hi]))  # [B, hi - lo, N, H]
+    return jnp.concatenate(blocks, axis=1)
+
+
 # XLA's CPU compiler rewrites a sum over more than 32 elements into a windowed reduction that
 # does not fuse with the product feeding it; sums of at most 32 stay one fused kernel.
 SUM_CHUNK = 32

@@ -15,6 +15,7 @@ cache and updates it in place at the layer's index.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 
 from jaxdec import cache as kv_cache
 from jaxdec import family, layers
-from jaxdec.attention import attend, attend_cache, causal_mask, combine_masks, decoder_self_mask, key_range_mask
+from jaxdec.attention import (attend, attend_cache, attend_causal, causal_mask, combine_masks, decoder_self_mask,
+                              key_range_mask)
 from jaxdec.cache import CrossKV, KVCache
 from jaxdec.config import DecoderConfig
 
@@ -45,6 +47,13 @@ LAYER_UNROLL = 4
 # (batch 8) with split weights; but the step then compiles per layer, 27 s vs 2.5 s for
 # `generate` at 48 layers (d_model 64), so deeper models keep the scan over stacked weights.
 SPLIT_LAYERS_MAX = 16
+# Query blocks of a training pass's causal self-attention (`attention.attend_causal`): the
+# sequence's queries run in at most this many blocks of at least CAUSAL_MIN_ROWS rows, each
+# reading keys up to its own last row only. Measured on a 2-core Xeon (bench train config,
+# interleaved in one process): 2 blocks (a quarter of the scores skipped) trained 6% faster than
+# one pass at T = 256 and 8% at T = 512; 4 blocks no faster than 2 and compiled 1.3x longer.
+CAUSAL_BLOCKS = 2
+CAUSAL_MIN_ROWS = 64
 
 # --- parameters -------------------------------------------------------------------------------
 
@@ -190,22 +199,34 @@ def scan_blocks(body, carry, stacked: dict, extra_xs=None, unroll: int = 1):
                         unroll=min(L, unroll))
 
 
+def causal_query_block(T: int) -> int:
+    """Query rows per block of a causal self-attention over T positions (`attend_causal`)."""
+    return max(CAUSAL_MIN_ROWS, -(-T // CAUSAL_BLOCKS))
+
+
 def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=None, cross=None,
-               return_attention: bool = False):
+               return_attention: bool = False, causal: bool = False):
     """All blocks over a full sequence: x [B,T,D] -> x [B,T,D], attention.
 
-    mask: bool broadcastable to [B, T, T]. cross: CrossKV for encoder-decoder blocks, which run
-    cross-attention between self-attention and the MLP. With return_attention, attention is
-    {"self": float32 [L, B, N, T, T], "cross": float32 [L, B, N, T, S] or None}; else None.
+    mask: bool broadcastable to [B, T, T]. causal: the mask hides every later key (decoder
+    self-attention), so the attention skips the masked upper triangle (`attend_causal`). cross:
+    CrossKV for encoder-decoder blocks, which run cross-attention between self-attention and the
+    MLP. With return_attention, attention is {"self": float32 [L, B, N, T, T], "cross": float32
+    [L, B, N, T, S] or None} (from one pass over the whole square); else None.
     """
     drop = _dropper(dropout_rate, rng)
     cross_mask = None if cross is None else cross.mask()
+    T = x.shape[1]
+    if causal and not return_attention:
+        self_attend = functools.partial(attend_causal, query_block=causal_query_block(T))
+    else:
+        self_attend = functools.partial(attend, return_probs=return_attention)
 
     def block(x, xs):
         p, i, cross_kv = xs
         h = sublayer_in(p["attn_norm"], config, x)
         q, k, v = self_qkv(p["attn"], config, h, positions)
-        o = attend(q, k, v, mask, return_probs=return_attention)
+        o = self_attend(q, k, v, mask)
         o, self_probs = o if return_attention else (o, None)
         x = sublayer_out(p["attn_norm"], config, x, drop(layers.project_out(p["attn"], o), 3 * i + 1))
         cross_probs = None
@@ -235,7 +256,7 @@ def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None, 
     x = _dropper(dropout_rate, rng)(x, 0)
     mask = decoder_self_mask(lengths, T)
     x, attention = run_layers(params, config, x, positions, mask, dropout_rate, rng, cross=cross,
-                              return_attention=return_attention)
+                              return_attention=return_attention, causal=True)
     logits = output_logits(params, config, x)
     return (logits, attention) if return_attention else logits
 

@@ -12,6 +12,7 @@ import pytest
 from jaxdec.attention import (
     attend,
     attend_cache,
+    attend_causal,
     causal_mask,
     chunked_sum,
     combine_masks,
@@ -371,6 +372,45 @@ def test_nan_in_masked_value_slots_does_not_leak():
     v_bad = jnp.where(np.asarray(mask).any(1)[:, :, None, None], v, jnp.nan)
     out = attend_jit(q, k, v_bad, mask)
     assert np.isfinite(out).all()
+
+
+# --- attend_causal: query blocks that skip the masked upper triangle ------------------------
+
+_attend_causal_jit = jax.jit(attend_causal, static_argnames="query_block")
+
+
+@pytest.mark.parametrize("T, query_block", [(7, 3), (9, 4), (8, 8), (5, 16)])  # uneven last block, one block
+def test_attend_causal_equals_attend_over_the_whole_square(T, query_block):
+    # Causal and padding: example 0 is all real, example 1 has 2 real tokens (its padded queries
+    # see their own real keys only), example 2 none (every row fully masked).
+    q, k, v = _qkv(31, B=3, T=T, S=T, N=4, K=2)
+    mask = decoder_self_mask(jnp.array([T, 2, 0]), T)
+    out = _attend_causal_jit(q, k, v, mask, query_block=query_block)
+    chex.assert_shape(out, q.shape)
+    # float64 per-query reference; float32 attend itself agrees with it to 1e-5 above
+    chex.assert_trees_all_close(out, naive_attend(q, k, v, mask).astype(np.float32), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(out[2], 0.0)
+    # and its gradients equal those of one pass over the square (float32 sums in another order)
+    weights = jnp.asarray(np.random.default_rng(32).standard_normal(q.shape, np.float32))
+    grads = [jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * weights), argnums=(0, 1, 2)))(q, k, v)
+             for f in (lambda q, k, v: attend_causal(q, k, v, mask, query_block=query_block),
+                       lambda q, k, v: attend(q, k, v, mask))]
+    chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5, rtol=0)
+    for g in grads[0]:
+        assert np.isfinite(g).all()
+
+
+def test_attend_causal_broadcast_mask_and_nan_beyond_the_diagonal():
+    # A [T, T] mask broadcast over the batch; keys and values past every block's last row are
+    # never read, so NaN planted above the diagonal of block 0 cannot reach any output.
+    q, k, v = _qkv(33, B=2, T=6, S=6, N=2, K=2)
+    mask = causal_mask(6)
+    expected = naive_attend(q, k, v, np.broadcast_to(mask, (2, 6, 6))).astype(np.float32)
+    chex.assert_trees_all_close(_attend_causal_jit(q, k, v, mask, query_block=3), expected, atol=1e-5, rtol=0)
+    k_bad, v_bad = k.at[:, 3:].set(jnp.nan), v.at[:, 3:].set(jnp.nan)
+    out = _attend_causal_jit(q, k_bad, v_bad, mask, query_block=3)
+    assert np.isfinite(out[:, :3]).all()
+    chex.assert_trees_all_close(out[:, :3], expected[:, :3], atol=1e-5, rtol=0)
 
 
 # --- attend_cache: blocks of the filled cache == masked attention over all of it ---------------
