@@ -455,8 +455,9 @@ def test_attend_cache_equals_masked_attention_over_the_whole_cache(num_kv_heads,
 @pytest.mark.parametrize("head_dim", [64, 80])
 def test_single_query_blocks_of_real_size_equal_masked_attention(head_dim):
     """A decode step (one query per row) at a real head size and 64-slot blocks, where the
-    single-query path sums the scores over H in one reduction and the values over the block's
-    slots in chunks (2 x 32): equal to `attend` over the whole cache (1e-5)."""
+    single-query path sums the scores over H in slices of at most 32 (80: 32 + 32 + 16) and the
+    values over the block's slots in chunks (2 x 32): equal to `attend` over the whole cache
+    (1e-5)."""
     B, N, K, L, capacity, block = 3, 4, 2, 2, 150, 64
     rng = np.random.default_rng(head_dim)
     end = 140
