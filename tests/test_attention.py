@@ -477,10 +477,11 @@ def test_single_query_blocks_of_real_size_equal_masked_attention(head_dim):
 
 
 @pytest.mark.parametrize("shape, axis", [((3, 64), -1), ((2, 80, 5), 1), ((4, 67), -1), ((2, 128, 3), -2),
-                                         ((5, 8), 0)])
+                                         ((5, 8), 0), ((67, 2), 0)])
 def test_chunked_sum_equals_sum(shape, axis):
-    """Chunked partial sums equal one jnp.sum (float64 reference, 1e-5), including a prime
-    length (67, summed whole) and lengths under the chunk."""
+    """Chunked partial sums equal one jnp.sum (float64 reference, 1e-5): slices of the minor axis
+    (64; 67 as 32 + 32 + 3), reshaped chunks of another (80, 128), a prime length off the minor
+    axis (67, summed whole) and lengths under the chunk."""
     x = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32)
     got = chunked_sum(jnp.asarray(x), axis)
     np.testing.assert_allclose(got, x.astype(np.float64).sum(axis), atol=1e-5, rtol=0)
