@@ -138,6 +138,32 @@ def test_eval_step_metrics():
     assert 0.0 <= float(ev["accuracy"]) <= 1.0
 
 
+@pytest.mark.parametrize("zero_embed", [False, True])
+def test_accuracy_counts_argmax_hits_over_real_targets(zero_embed):
+    """eval_step's and train_step's correct predictions equal numpy's first-index argmax compared
+    with the real targets. With the (tied) embedding zeroed every logit ties at 0, so only
+    targets of id 0 count as correct (the lowest id wins a tie, as in greedy decoding)."""
+    params = jaxdec.init_params(MC, jax.random.key(0))
+    if zero_embed:
+        params["embed"] = jnp.zeros_like(params["embed"])
+    state = jaxdec.create_train_state(MC, TC, jax.random.key(0), params=params)
+    lengths = [17, 3, 9, 17]
+    batch = _batch(jax.random.key(8), lengths=lengths)
+    batch["tokens"] = batch["tokens"].at[:, 1::3].set(0)  # some targets of id 0
+    logits = np.asarray(jaxdec.forward(state.params, MC, batch["tokens"][:, :-1],
+                                       jnp.minimum(batch["lengths"], 16)))
+    tokens = np.asarray(batch["tokens"])
+    hits = [np.argmax(logits[b, t]) == tokens[b, t + 1] for b in range(4) for t in range(16)
+            if t + 1 < lengths[b]]
+    if zero_embed:
+        assert np.all(logits == 0.0)
+    ev = jaxdec.eval_step(state, batch)
+    assert float(ev["correct"]) == sum(hits)
+    np.testing.assert_allclose(float(ev["accuracy"]), np.mean(hits), rtol=1e-6)
+    _, metrics = jaxdec.train_step(state, batch)
+    np.testing.assert_allclose(float(metrics["accuracy"]), np.mean(hits), rtol=1e-6)
+
+
 def test_dropout_changes_training_but_not_eval():
     tc = dataclasses.replace(TC, dropout=0.5)
     batch = _batch(jax.random.key(9))
