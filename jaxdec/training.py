@@ -258,7 +258,8 @@ def _sums(logits, batch):
     targets = batch["tokens"][:, 1:]
     weights = target_weights(batch)
     loss_sum = jnp.sum(token_losses(logits, targets) * weights)
-    # argmax as two plain reductions: XLA's CPU (value, index) reduction was 1% of the train step
+    # argmax as two plain reductions: XLA's CPU (value, index) reduction took 9 ms of the bench
+    # train step's ~1,700 thread-ms (2-core Xeon, profiled), the two reductions 1.3 ms
     predicted = sampling.argmax(logits).astype(targets.dtype)  # int64 under x64
     correct = jnp.sum((predicted == targets).astype(jnp.float32) * weights)
     return loss_sum, jnp.sum(weights), correct
