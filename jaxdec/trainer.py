@@ -10,9 +10,12 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
+import shutil
 import time
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxdec import checkpoint, checks, family, report, sharding
@@ -33,7 +36,8 @@ class RunConfig:
       model: the decoder-only LM (vocab_size must cover the byte tokenizer's 259 ids).
       train: optimisation settings.
       data: a text file or folder to train on; None trains on the Python standard library's source.
-      name: the run's folder under `runs_dir`.
+      name: the run's folder under `runs_dir`; None: named after the data ("stdlib", the
+        --data file's stem or folder's name, or "dates"; see `run_name`).
       runs_dir: where runs are written (metrics.jsonl, loss.png, checkpoints/).
       steps: train steps (micro-batches).
       batch_size: sequences per step.
@@ -43,7 +47,12 @@ class RunConfig:
       log_every: train-metric logging period in steps.
       checkpoint_every: checkpoint period in steps (and at the end); 0 disables checkpoints.
       keep_checkpoints: newest checkpoints kept.
-      resume: continue from the latest usable checkpoint of this run.
+      resume: continue the run already in the folder, from its latest usable checkpoint; its
+        config.json must match this config (`check_run_folder` says which fields may differ).
+        On an empty or missing folder the run starts fresh.
+      overwrite: delete the run already in the folder (its config.json, metrics, loss.png and
+        checkpoints) and start a new one there. Without it or `resume`, a folder that holds a
+        run is refused before anything is written.
       num_samples: held-out prompts to continue with the KV cache at the end.
       sample_tokens: tokens generated per sample.
       held_out_fraction: share of files (or bytes, for a single file) held out.
@@ -63,7 +72,7 @@ class RunConfig:
     model: DecoderConfig
     train: TrainConfig
     data: str | None = None
-    name: str = "stdlib"
+    name: str | None = None
     runs_dir: str = "runs"
     steps: int = 600
     batch_size: int = 16
@@ -74,6 +83,7 @@ class RunConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     resume: bool = False
+    overwrite: bool = False
     num_samples: int = 3
     sample_tokens: int = 160
     held_out_fraction: float = 0.05
@@ -140,8 +150,180 @@ DATES_PRESETS: dict[str, Seq2SeqRunConfig] = {
 }
 
 
-def validate(cfg: RunConfig) -> None:
-    """Refuses a run that cannot work, before loading data or compiling anything."""
+def run_name(cfg: RunConfig) -> str:
+    """The run's folder name: `cfg.name`, or when it is None one that follows the data, so runs
+    on different data never share a folder by default: "dates" for the dates task, "stdlib"
+    without --data, else the --data file's stem or folder's name ("notes" for notes.txt) with
+    characters other than letters, digits, ".", "_" and "-" replaced by "-"."""
+    if cfg.name is not None:
+        return cfg.name
+    if family.of(cfg.model).takes_source:
+        return "dates"
+    if cfg.data is None:
+        return "stdlib"
+    path = pathlib.Path(cfg.data).expanduser()
+    base = path.resolve().name if path.is_dir() else path.stem  # a folder "." has no name of its own
+    return re.sub(r"[^\w.-]+", "-", base).strip(".-") or "data"
+
+
+def run_dir(cfg: RunConfig) -> pathlib.Path:
+    """The run's folder: `runs_dir / run_name(cfg)`."""
+    return pathlib.Path(cfg.runs_dir) / run_name(cfg)
+
+
+# Config fields that may differ when a run is continued: where the run lives, how long it trains
+# (the schedule is set by train.decay_steps, so more steps extend the same curve), how often it
+# evaluates, logs and checkpoints, what it prints at the end, and how it is spread over devices
+# (a checkpoint restores onto any mesh). Every other field shapes the model, the optimiser or the
+# data stream: continuing under another value would splice two different runs into one curve.
+RESUMABLE_FIELDS = frozenset({
+    "name", "runs_dir", "steps", "eval_every", "eval_batches", "log_every", "checkpoint_every",
+    "keep_checkpoints", "resume", "overwrite", "num_samples", "sample_tokens", "eval_examples",
+    "mesh", "num_cpu_devices", "coordinator_address", "num_processes", "process_id", "distributed",
+})
+
+_ABSENT = "(absent)"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """What a run will do with its folder, decided by `check_run_folder` before any write.
+
+    Attributes:
+      path: the run's folder.
+      resume: continue the run in it (its config matched).
+      remove: the earlier run's files and folders that `overwrite` deletes before starting;
+        empty unless overwriting.
+    """
+
+    path: pathlib.Path
+    resume: bool
+    remove: tuple[pathlib.Path, ...] = ()
+
+
+def _run_files(out: pathlib.Path) -> list[pathlib.Path]:
+    """The files and folders of `out` that a run writes and that show a run is there."""
+    if not out.is_dir():
+        return []
+    found = [out / f for f in ("config.json", "loss.png") if (out / f).is_file()]
+    found += sorted(out.glob("metrics*.jsonl"))  # metrics.jsonl and other processes' files
+    ckpt = out / "checkpoints"
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        found.append(ckpt)
+    return found
+
+
+def _describe_files(files: list[pathlib.Path]) -> str:
+    parts = []
+    for f in files:
+        if f.name == "checkpoints":
+            parts.append(f"checkpoints/ (steps {checkpoint.all_steps(f)})")
+        else:
+            parts.append(f.name)
+    return ", ".join(parts)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"model": {"d_model": 32}} -> {"model.d_model": 32}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _field_default(cfg: RunConfig, key: str):
+    """The declared default of a dotted config field, as JSON would hold it; _ABSENT if none."""
+    *parents, last = key.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p, None)
+    if not dataclasses.is_dataclass(obj):
+        return _ABSENT
+    field = {f.name: f for f in dataclasses.fields(obj)}.get(last)
+    if field is None or field.default is dataclasses.MISSING:
+        return _ABSENT
+    return json.loads(json.dumps(field.default))
+
+
+def _data_key(data):
+    """--data as a comparable path: "notes.txt" and "./notes.txt" are the same data."""
+    return None if data is None else str(pathlib.Path(data).expanduser().resolve())
+
+
+def config_differences(saved: dict, cfg: RunConfig) -> list[str]:
+    """The fields outside RESUMABLE_FIELDS where `cfg` differs from a run's saved config.json,
+    as "field: saved -> now" lines. A field the saved file lacks (written before the field
+    existed) counts as its declared default."""
+    old, new = _flat(saved), _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUMABLE_FIELDS:
+            continue
+        o = old.get(key, _field_default(cfg, key))
+        n = new.get(key, _ABSENT)
+        same = _data_key(o) == _data_key(n) if key == "data" else o == n
+        if not same:
+            lines.append(f"{key}: {o!r} -> {n!r}")
+    return lines
+
+
+def check_run_folder(cfg: RunConfig) -> RunFolder:
+    """Decides what the run does with its folder, reading it and writing nothing.
+
+    An empty or missing folder starts a fresh run (with or without `resume`). A folder that
+    holds a run (config.json, metrics or checkpoints) is continued only with `resume`, and only
+    if its config.json matches `cfg` outside RESUMABLE_FIELDS (and `steps` does not fall below
+    its newest checkpoint); with `overwrite` its run files are to be removed. Every process of
+    a multi-process run reads the same shared folder (checkpoints need one already), so all
+    reach the same answer.
+
+    Raises:
+      ValueError: the folder holds a run and neither flag allows using it, or `resume` meets a
+        config that differs (naming each field, saved -> now value).
+    """
+    out = run_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run folder {out} is a file, not a folder; choose another --name or --runs-dir")
+    files = _run_files(out)
+    if not files:
+        return RunFolder(out, resume=False)
+    if cfg.overwrite:
+        return RunFolder(out, resume=False, remove=tuple(files))
+    choices = (f"choose --resume to continue it, another --name (e.g. --name {out.name}-2) for a "
+               "new run beside it, or --overwrite to delete it and start again")
+    if not cfg.resume:
+        raise ValueError(f"run folder {out} already holds a run ({_describe_files(files)}); nothing "
+                         f"was written. To keep it safe: {choices}")
+    config_path = out / "config.json"
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--resume: run folder {out} holds a run ({_describe_files(files)}) but its "
+                         f"config.json cannot be read to check it matches ({type(err).__name__}: "
+                         f"{err}); nothing was written. Choose another --name, or --overwrite") from err
+    diffs = config_differences(saved, cfg)
+    if diffs:
+        raise ValueError(
+            f"--resume: the run in {out} was made with a different config; nothing was written. "
+            f"Differing fields (saved -> now): {'; '.join(diffs)}. Only "
+            f"{', '.join(sorted(RESUMABLE_FIELDS - {'resume', 'overwrite'}))} may change on resume. "
+            "Run with the saved values, another --name for a new run, or --overwrite")
+    newest = checkpoint.latest_step(out / "checkpoints")
+    if newest is not None and cfg.steps < newest:
+        raise ValueError(f"--resume: steps {cfg.steps} is below the newest checkpoint in {out} "
+                         f"(step {newest}); nothing was written. Raise --steps to at least {newest}")
+    return RunFolder(out, resume=True)
+
+
+def validate(cfg: RunConfig) -> RunFolder:
+    """Refuses a run that cannot work, or that would write over another run, before loading
+    data or compiling anything; returns what the run does with its folder (`check_run_folder`).
+    """
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
         checks.positive_int(name, getattr(cfg, name))
     if cfg.seq_len > cfg.model.max_len:
@@ -161,6 +343,12 @@ def validate(cfg: RunConfig) -> None:
                              f"({dates.max_source_bytes()} bytes)")
         if cfg.data is not None:
             raise ValueError("--data trains the language model; the dates task generates its data")
+    if cfg.data is not None and not pathlib.Path(cfg.data).expanduser().exists():
+        # Before the folder check: the run's default name is derived from this path.
+        raise ValueError(f"data path does not exist: {cfg.data!r}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in the folder and --overwrite deletes it: choose one")
+    return check_run_folder(cfg)
 
 
 def load_corpus(cfg: RunConfig) -> Corpus:
@@ -397,12 +585,28 @@ class DatesTask:
 
 
 def run(cfg: RunConfig) -> dict:
-    """Trains, evaluates, checkpoints and samples; returns the final held-out metrics."""
-    validate(cfg)
+    """Trains, evaluates, checkpoints and samples; returns the final held-out metrics.
+
+    The run folder is checked first (`validate`): a run already there is continued only with
+    `resume` and a matching config, replaced only with `overwrite`, and otherwise left untouched.
+    """
+    cfg = dataclasses.replace(cfg, name=run_name(cfg))  # config.json records the folder's name
+    folder = validate(cfg)
     mesh = setup_mesh(cfg)
     primary = jax.process_index() == 0
     task = DatesTask(cfg) if family.of(cfg.model).takes_source else LMTask(cfg)
-    out = pathlib.Path(cfg.runs_dir) / cfg.name
+    out = folder.path
+    if jax.process_count() > 1:  # every process has read the folder before process 0 changes it
+        multihost_utils.sync_global_devices(f"jaxdec run folder checked {out}")
+    if primary and folder.remove:
+        print(f"--overwrite: removing the earlier run in {out}: {_describe_files(list(folder.remove))}")
+        for path in folder.remove:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"jaxdec run folder cleared {out}")
     out.mkdir(parents=True, exist_ok=True)
     if primary:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -419,12 +623,14 @@ def run(cfg: RunConfig) -> dict:
               f"process(es): params + optimizer state {max(held['per_device'].values()) / 2**20:.2f} "
               f"MiB per device of {held['total'] / 2**20:.2f} MiB")
     start = 0
-    if cfg.resume and checkpoint.latest_step(ckpt_dir) is not None:
+    if folder.resume and checkpoint.latest_step(ckpt_dir) is not None:
         state, start = checkpoint.restore(ckpt_dir, state)
         report.truncate_after(metrics_path, start)
         print(f"resumed from step {start}")
-    elif not cfg.resume and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh curve
+    elif folder.resume and metrics_path.exists():
+        # The same config with no checkpoint to continue from: train again from step 0.
+        print(f"no checkpoint in {ckpt_dir}: training this run again from step 0")
+        metrics_path.unlink()
 
     log = report.MetricsLog(metrics_path)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", dynamic_ncols=True,
