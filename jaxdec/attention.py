@@ -108,6 +108,8 @@ def attend(
     heads_first: bool = False,
     zero_unseen_values: bool = True,
     return_probs: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
 ):
     """Multi-head scaled dot-product attention with grouped K/V heads.
 
@@ -123,6 +125,8 @@ def attend(
         off: its unseen slots hold zeros or K/V computed from finite activations.
       return_probs: also return the attention probabilities float32 [B, N, T, S] (for
         inspection; the same softmax the output is computed from).
+      scale: the scores' multiplier; None means H ** -0.5.
+      softcap: scores become softcap * tanh(scores / softcap) before masking (Gemma 2).
 
     Returns:
       [B, T, N, H] in q's dtype (rows with no allowed key are zeros); with return_probs, the
@@ -131,7 +135,8 @@ def attend(
     if q.ndim == 3:
         mask = None if mask is None else jnp.asarray(mask)[None]
         out = attend(q[None], k[None], v[None], mask, heads_first=heads_first,
-                     zero_unseen_values=zero_unseen_values, return_probs=return_probs)
+                     zero_unseen_values=zero_unseen_values, return_probs=return_probs, scale=scale,
+                     softcap=softcap)
         return jax.tree.map(lambda a: a[0], out)
     B, T, N, H = q.shape
     K, S = (k.shape[1], k.shape[2]) if heads_first else (k.shape[2], k.shape[1])
@@ -141,8 +146,8 @@ def attend(
     G = N // K
     # Multi-head attention (G == 1) keeps 4-D operands: the grouped 5-D form costs layout copies.
     qd, kvd, sd = ("BTKH", kv, "BKTS") if G == 1 else ("BTKGH", kv, "BKGTS")
-    q = (q if G == 1 else q.reshape(B, T, K, G, H)) * jnp.asarray(H**-0.5, q.dtype)
-    scores = jnp.einsum(f"{qd},{kvd}->{sd}", q, k)  # [B, K, (G,) T, S]
+    q = (q if G == 1 else q.reshape(B, T, K, G, H)) * jnp.asarray(H**-0.5 if scale is None else scale, q.dtype)
+    scores = _softcap(jnp.einsum(f"{qd},{kvd}->{sd}", q, k), softcap)  # [B, K, (G,) T, S]
     if mask is not None:
         mask = jnp.broadcast_to(mask, (B, T, S))
         if zero_unseen_values:  # a probability of 0 times NaN or inf would still poison the output
@@ -157,7 +162,13 @@ def attend(
     return out
 
 
-def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, query_block: int) -> jax.Array:
+def _softcap(scores: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(scores / cap) in float32; scores unchanged for None."""
+    return scores if cap is None else cap * jnp.tanh(scores.astype(jnp.float32) / cap)
+
+
+def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, query_block: int,
+                  scale: float | None = None, softcap: float | None = None) -> jax.Array:
     """`attend` of a sequence over itself under a causal mask, skipping the masked upper triangle.
 
     The queries run in blocks of `query_block` rows; block [lo, hi) reads keys 0 .. hi - 1 only,
@@ -170,19 +181,21 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, 
         t (causal; padding may hide more). Keys past a block's last row are never read, so a mask
         that allowed one would not be obeyed.
       query_block: query rows per block; T <= query_block runs `attend` in one pass.
+      scale, softcap: as `attend`.
 
     Returns:
       [B, T, N, H], equal to `attend(q, k, v, mask)` up to float rounding.
     """
     T = q.shape[1]
     if T <= query_block:
-        return attend(q, k, v, mask)
+        return attend(q, k, v, mask, scale=scale, softcap=softcap)
     mask = jnp.asarray(mask)
     mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, T, T))  # [B or 1, T, T]
     blocks = []
     for lo in range(0, T, query_block):
         hi = min(lo + query_block, T)
-        blocks.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, lo:hi, :hi]))  # [B, hi - lo, N, H]
+        blocks.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, lo:hi, :hi],
+                             scale=scale, softcap=softcap))  # [B, hi - lo, N, H]
     return jnp.concatenate(blocks, axis=1)
 
 
@@ -227,6 +240,9 @@ def attend_cache(
     *,
     layer: jax.Array | int = 0,
     block_size: int,
+    window: jax.Array | int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Attention of T new queries over the filled part of a KV cache only.
 
@@ -246,6 +262,10 @@ def attend_cache(
       layer: int32 [] layer index into k and v.
       block_size: key slots per block; a cache of at most this many slots is read in one pass
         with no loop.
+      window: int32 [] (may be traced), a sliding window: query t also sees only slots
+        > end + t - window, and blocks wholly before the first query's window are not read, so
+        a sliding layer's step costs its window, not the filled length. None: no window.
+      scale, softcap: as `attend`.
 
     Returns:
       [B, T, N, H] in q's dtype. Slots beyond end + T - 1 are never read into the output.
@@ -261,11 +281,15 @@ def attend_cache(
         k_l = jax.lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)  # [B, K, S, H]
         v_l = jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
         mask = key_range_mask(starts, jnp.full_like(starts, capacity), capacity)[:, None, :]  # [B, 1, S]
-        mask = mask & (jnp.arange(capacity, dtype=jnp.int32)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
-        return attend(q, k_l, v_l, mask, heads_first=True, zero_unseen_values=False)
+        slots = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
+        mask = mask & (slots <= query_slots[None, :, None])  # [B, T, S]
+        if window is not None:
+            mask = mask & (slots > query_slots[None, :, None] - window)
+        return attend(q, k_l, v_l, mask, heads_first=True, zero_unseen_values=False, scale=scale,
+                      softcap=softcap)
 
     S = min(block_size, capacity)  # the key slots of one block: the S of the einsums below
-    qg = (q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, q.dtype))  # [B, T, K, G, H]
+    qg = (q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5 if scale is None else scale, q.dtype))  # [B, T, K, G, H]
 
     def block(j, carry):
         row_max, row_sum, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
@@ -279,6 +303,8 @@ def attend_cache(
         slots = s0 + jnp.arange(S, dtype=jnp.int32)  # [S]
         allowed = ((slots[None, None, :] >= jnp.maximum(lo, starts)[:, None, None])
                    & (slots[None, None, :] <= query_slots[None, :, None]))  # [B, T, S]
+        if window is not None:
+            allowed = allowed & (slots[None, None, :] > query_slots[None, :, None] - window)
         if T == 1:
             # A decode step: one query per row. Products summed in place read the block where it
             # lies in the cache; on CPU a dot cannot read a dynamic slice, so it copies it first.
@@ -288,7 +314,7 @@ def attend_cache(
             scores = chunked_sum(prod, axis=-1)[:, :, :, None, :]  # [B, K, G, 1, S]
         else:
             scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k_b).astype(jnp.float32)
-        scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
+        scores = jnp.where(allowed[:, None, None], _softcap(scores, softcap), -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1))
         shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # no -inf - -inf
         probs = jnp.exp(scores - shift[..., None])  # 0 at masked slots
@@ -310,7 +336,10 @@ def attend_cache(
         # first: GPT-2 small at batch 8 with 72 slots decoded 7% faster this way, interleaved.)
         _, row_sum, acc = block(0, init)
     else:
-        first = jnp.min(starts) // S
+        earliest = jnp.min(starts)
+        if window is not None:  # the first query's window starts at end - window + 1
+            earliest = jnp.maximum(earliest, end - window + 1)
+        first = earliest // S
         last = (end + T - 1) // S  # the block of the last query, inclusive
         _, row_sum, acc = jax.lax.fori_loop(first, last + 1, block, init)
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]  # rows that saw nothing: zeros

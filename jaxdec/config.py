@@ -8,12 +8,59 @@ from typing import Literal
 from jaxdec import checks
 
 Position = Literal["learned", "sinusoidal", "rope"]
-NormPosition = Literal["pre", "post"]
+NormPosition = Literal["pre", "post", "sandwich", "post_branch"]
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
+Norm = Literal["layer", "rms", "rms_plus_one"]
+MLP = Literal["plain", "gated"]
+QKNorm = Literal["none", "head", "projection"]
+RopeKind = Literal["linear", "llama3", "yarn"]
 
 _POSITIONS = ("learned", "sinusoidal", "rope")
-_NORM_POSITIONS = ("pre", "post")
+_NORM_POSITIONS = ("pre", "post", "sandwich", "post_branch")
 _ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+_NORMS = ("layer", "rms", "rms_plus_one")
+_MLPS = ("plain", "gated")
+_QK_NORMS = ("none", "head", "projection")
+_ROPE_KINDS = ("linear", "llama3", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for contexts longer than pretraining (Hugging Face's rope types).
+
+    Attributes:
+      kind: "linear" (every frequency divided by factor), "llama3" (wavelengths longer than
+        original_max_len / low_freq_factor divided by factor, shorter than original_max_len /
+        high_freq_factor kept, a smooth blend between) or "yarn" (a ramp between extrapolated
+        and interpolated frequencies over the correction dims of beta_fast / beta_slow
+        rotations; cos and sin times attention_factor).
+      factor: the context extension factor.
+      original_max_len: pretraining context (llama3, yarn).
+      low_freq_factor, high_freq_factor: llama3's band edges.
+      beta_fast, beta_slow: yarn's correction rotations.
+      attention_factor: yarn's cos/sin multiplier; None: 0.1 * ln(factor) + 1.
+      truncate: yarn rounds its correction range to whole dims.
+    """
+
+    kind: RopeKind
+    factor: float
+    original_max_len: int | None = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("rope_scaling.kind", self.kind, _ROPE_KINDS)
+        if not self.factor > 0:
+            raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.kind in ("llama3", "yarn") and self.original_max_len is None:
+            raise ValueError(f"rope_scaling kind {self.kind!r} needs original_max_len")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"rope_scaling needs high_freq_factor > low_freq_factor, got "
+                             f"{self.high_freq_factor} and {self.low_freq_factor}")
 
 
 def _check_positive(cfg, name: str) -> None:
@@ -35,7 +82,7 @@ def _validate_common(cfg, layer_fields: tuple[str, ...]) -> None:
         _check_positive(cfg, "num_kv_heads")
     if cfg.d_ff is not None:
         _check_positive(cfg, "d_ff")
-    if cfg.d_model % cfg.num_heads:
+    if isinstance(cfg, _ClassicBlock) and cfg.d_model % cfg.num_heads:
         raise ValueError(
             f"d_model % num_heads must be 0, got d_model={cfg.d_model}, num_heads={cfg.num_heads}"
         )
@@ -47,8 +94,9 @@ def _validate_common(cfg, layer_fields: tuple[str, ...]) -> None:
     _check_choice("position", cfg.position, _POSITIONS)
     _check_choice("norm_position", cfg.norm_position, _NORM_POSITIONS)
     _check_choice("activation", cfg.activation, _ACTIVATIONS)
-    if cfg.position == "rope" and cfg.head_dim % 2:
-        raise ValueError(f"rope needs an even head dim, got {cfg.head_dim}")
+    if cfg.position == "rope" and cfg.rotary_dim % 2:
+        raise ValueError(f"rope needs an even number of rotated dims, got {cfg.rotary_dim} "
+                         f"(head dim {cfg.head_dim}, rotary_fraction {cfg.rotary_fraction})")
     if cfg.position == "sinusoidal" and cfg.d_model % 2:
         raise ValueError(f"sinusoidal positions need an even d_model, got {cfg.d_model}")
     if not cfg.layer_norm_eps > 0:
@@ -59,16 +107,78 @@ class _HeadsMixin:
     """Derived sizes shared by the model configs."""
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
-    @property
     def kv_heads(self) -> int:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
     def ff_dim(self) -> int:
         return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    @property
+    def rotary_dim(self) -> int:
+        """R: leading channels of each head that RoPE rotates (the rest pass through)."""
+        return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.use_bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def has_out_bias(self) -> bool:
+        return self.use_bias if self.out_bias is None else self.out_bias
+
+    @property
+    def has_mlp_bias(self) -> bool:
+        return self.use_bias if self.mlp_bias is None else self.mlp_bias
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Every placement but the original post-LN ends with a norm before the head."""
+        return self.norm_position != "post"
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends within the sliding window only."""
+        if self.sliding_window is None:
+            return False
+        return self.sliding_layers is None or layer in self.sliding_layers
+
+
+def _validate_block(cfg) -> None:
+    """Checks of the configurable block (DecoderConfig's fields beyond GPT-2's)."""
+    _check_choice("norm", cfg.norm, _NORMS)
+    _check_choice("mlp", cfg.mlp, _MLPS)
+    _check_choice("qk_norm", cfg.qk_norm, _QK_NORMS)
+    _check_positive(cfg, "d_model")
+    _check_positive(cfg, "num_heads")
+    if cfg.head_dim is None:
+        if cfg.d_model % cfg.num_heads:
+            raise ValueError(f"d_model % num_heads must be 0 (or give head_dim), got "
+                             f"d_model={cfg.d_model}, num_heads={cfg.num_heads}")
+        object.__setattr__(cfg, "head_dim", cfg.d_model // cfg.num_heads)
+    else:
+        _check_positive(cfg, "head_dim")
+    if not 0.0 < cfg.rotary_fraction <= 1.0:
+        raise ValueError(f"rotary_fraction must lie in (0, 1], got {cfg.rotary_fraction}")
+    for name in ("attn_scale", "attn_softcap", "final_softcap", "rope_local_base"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0 or None, got {value}")
+    if cfg.sliding_window is not None:
+        _check_positive(cfg, "sliding_window")
+    if cfg.sliding_layers is not None:
+        layers = tuple(int(i) for i in cfg.sliding_layers)
+        bad = [i for i in layers if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ValueError(f"sliding_layers {bad} are outside the layers 0 .. {cfg.num_layers - 1}")
+        if cfg.sliding_window is None:
+            raise ValueError("sliding_layers needs a sliding_window")
+        object.__setattr__(cfg, "sliding_layers", tuple(sorted(set(layers))))
+    if cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling, RopeScaling):
+        raise ValueError(f"rope_scaling must be a RopeScaling or None, got {cfg.rope_scaling!r}")
+    if cfg.position != "rope" and (cfg.rope_scaling is not None or cfg.rope_local_base is not None
+                                   or cfg.rotary_fraction != 1.0):
+        raise ValueError(f"rope_scaling, rope_local_base and rotary_fraction need position='rope', "
+                         f"got position={cfg.position!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,20 +192,44 @@ class DecoderConfig(_HeadsMixin):
       vocab_size: V, number of token ids.
       num_layers: L.
       d_model: D.
-      num_heads: N, query heads; D must divide by N (head dim H = D // N).
+      num_heads: N, query heads.
       max_len: the longest sequence (positions 0 .. max_len - 1) the model accepts.
       num_kv_heads: K, key/value heads (grouped-query attention); None means K = N.
       d_ff: F, MLP hidden width; None means 4 * D.
       position: "learned" (GPT-2), "sinusoidal" (original Transformer) or "rope".
-      norm_position: "pre" (LayerNorm before each sublayer, plus a final norm) or "post" (after
-        each residual add, as in the original Transformer; no final norm).
+      norm_position: where each sublayer's norm sits, for a sublayer f and residual x:
+        "pre" x + f(n(x)) (GPT-2, Llama); "post" n(x + f(x)) (the original Transformer; no
+        final norm); "sandwich" x + n2(f(n1(x))) (Gemma 2 and 3); "post_branch" x + n(f(x))
+        (OLMo 2). Every placement but "post" ends with a final norm.
       activation: "gelu" (exact erf), "gelu_tanh" (GPT-2's approximation), "relu" or "silu".
-      use_bias: biases in attention projections and the MLP.
+      use_bias: biases in attention projections and the MLP (the default of the three switches
+        below).
       tie_embeddings: output head is the transposed token embedding.
-      layer_norm_eps: epsilon inside LayerNorm.
-      rope_base: RoPE frequency base.
-      embed_scale: multiply token embeddings by sqrt(D) (original Transformer, Marian).
+      layer_norm_eps: epsilon inside every norm.
+      rope_base: RoPE frequency base (of the global layers when rope_local_base is set).
+      embed_scale: multiply token embeddings by sqrt(D) (original Transformer, Marian, Gemma).
       init_std: standard deviation of the normal weight init.
+      head_dim: H, the width of each head; None means D // N (then D must divide by N).
+      norm: "layer" (LayerNorm with bias), "rms" (RMSNorm, x̂ * w) or "rms_plus_one" (Gemma's
+        RMSNorm, x̂ * (1 + w), in float32 until the end). The statistics are always float32.
+      mlp: "plain" (act(x W_in) W_out) or "gated" (act(x W_gate) * (x W_in), then W_out: SwiGLU
+        with silu, GeGLU with gelu_tanh).
+      qkv_bias, out_bias, mlp_bias: biases of the Q/K/V projections, the attention output and
+        the MLP; None follows use_bias (Qwen2: q/k/v biases only).
+      qk_norm: "none", "head" (a norm over H on every query and key head, shared weights [H]:
+        Qwen3, Gemma 3) or "projection" (a norm over the whole query [N*H] and key [K*H]
+        projections: OLMo 2); after the projection, before RoPE.
+      attn_scale: the multiplier of the attention scores; None means H ** -0.5 (Gemma 2 uses
+        query_pre_attn_scalar ** -0.5).
+      attn_softcap, final_softcap: soft-capping c * tanh(s / c) of the attention scores and of
+        the output logits (Gemma 2); None: none.
+      sliding_window: W: a sliding layer's query at position q sees keys at q - W < k <= q;
+        None: no layer slides.
+      sliding_layers: indices of the sliding layers; None: every layer (Mistral).
+      rope_local_base: RoPE base of the sliding layers, whose RoPE is then unscaled (Gemma 3);
+        None: every layer uses rope_base and rope_scaling.
+      rope_scaling: RopeScaling of the frequencies (of the global layers with rope_local_base).
+      rotary_fraction: the leading fraction of each head's channels that RoPE rotates.
     """
 
     vocab_size: int
@@ -114,13 +248,47 @@ class DecoderConfig(_HeadsMixin):
     rope_base: float = 10000.0
     embed_scale: bool = False
     init_std: float = 0.02
+    head_dim: int | None = None
+    norm: Norm = "layer"
+    mlp: MLP = "plain"
+    qkv_bias: bool | None = None
+    out_bias: bool | None = None
+    mlp_bias: bool | None = None
+    qk_norm: QKNorm = "none"
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] | None = None
+    rope_local_base: float | None = None
+    rope_scaling: RopeScaling | None = None
+    rotary_fraction: float = 1.0
 
     def __post_init__(self) -> None:
+        _validate_block(self)
         _validate_common(self, ("num_layers",))
 
 
+class _ClassicBlock:
+    """The encoder-decoder's blocks: LayerNorm, a plain MLP, biases per use_bias, H = D // N, no
+    qk-norm, windows or soft-caps (plain class attributes, not config fields)."""
+
+    norm = "layer"
+    mlp = "plain"
+    qkv_bias = out_bias = mlp_bias = None
+    qk_norm = "none"
+    attn_scale = attn_softcap = final_softcap = None
+    sliding_window = sliding_layers = None
+    rope_local_base = rope_scaling = None
+    rotary_fraction = 1.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
 @dataclasses.dataclass(frozen=True)
-class Seq2SeqConfig(_HeadsMixin):
+class Seq2SeqConfig(_ClassicBlock, _HeadsMixin):
     """An encoder-decoder Transformer.
 
     The defaults are the original Transformer's choices (post-LN, ReLU, sinusoidal positions,
@@ -160,6 +328,9 @@ class Seq2SeqConfig(_HeadsMixin):
 
     def __post_init__(self) -> None:
         _validate_common(self, ("num_encoder_layers", "num_decoder_layers"))
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post' for the encoder-decoder, "
+                             f"got {self.norm_position!r}")
 
     @property
     def num_layers(self) -> int:

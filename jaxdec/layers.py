@@ -19,9 +19,13 @@ def _normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
     return std * jax.random.normal(key, shape, jnp.float32)
 
 
-def init_norm(d_model: int) -> dict:
-    """LayerNorm params: scale ones [D], bias zeros [D]."""
-    return {"scale": jnp.ones((d_model,), jnp.float32), "bias": jnp.zeros((d_model,), jnp.float32)}
+def init_norm(d_model: int, kind: str = "layer") -> dict:
+    """A norm's params at its identity: LayerNorm scale ones [D] and bias zeros [D]; RMSNorm
+    scale ones [D]; Gemma's (1 + w) RMSNorm scale zeros [D]."""
+    if kind == "layer":
+        return {"scale": jnp.ones((d_model,), jnp.float32), "bias": jnp.zeros((d_model,), jnp.float32)}
+    fill = jnp.zeros if kind == "rms_plus_one" else jnp.ones
+    return {"scale": fill((d_model,), jnp.float32)}
 
 
 def init_attention(key: jax.Array, config, out_std: float, cross: bool = False) -> dict:
@@ -29,7 +33,9 @@ def init_attention(key: jax.Array, config, out_std: float, cross: bool = False) 
 
     Self-attention fuses Q, K and V into qkv [D, (N + 2K) * H] (GPT-2's c_attn layout): one
     matmul per step instead of three. Cross-attention keeps q [D, N*H] and kv [D, 2K*H] apart,
-    since K/V come from the encoder. out [N*H, D]. Biases (if use_bias) have the output width.
+    since K/V come from the encoder. out [N*H, D]. Biases have the output width (qkv_bias /
+    q_bias, kv_bias with config.has_qkv_bias; out_bias with has_out_bias). qk-norm adds q_norm
+    and k_norm: scale [H] ("head") or [N*H] and [K*H] ("projection").
     """
     D, N, K, H = config.d_model, config.num_heads, config.kv_heads, config.head_dim
     k_in, k_kv, k_out = jax.random.split(key, 3)
@@ -38,19 +44,29 @@ def init_attention(key: jax.Array, config, out_std: float, cross: bool = False) 
              "kv": _normal(k_kv, (D, 2 * K * H), config.init_std)}
     else:
         p = {"qkv": _normal(k_in, (D, (N + 2 * K) * H), config.init_std)}
-    p["out"] = _normal(k_out, (N * H, D), out_std)
-    if config.use_bias:
+    if config.has_qkv_bias:
         p |= {f"{name}_bias": jnp.zeros(w.shape[1:], jnp.float32) for name, w in p.items()}
+    p["out"] = _normal(k_out, (N * H, D), out_std)
+    if config.has_out_bias:
+        p["out_bias"] = jnp.zeros((D,), jnp.float32)
+    if config.qk_norm != "none":
+        q_width, k_width = (H, H) if config.qk_norm == "head" else (N * H, K * H)
+        p |= {"q_norm": init_norm(q_width, config.norm), "k_norm": init_norm(k_width, config.norm)}
     return p
 
 
 def init_mlp(key: jax.Array, config, out_std: float) -> dict:
-    """MLP: w_in [D,F], w_out [F,D] (+ biases if use_bias)."""
+    """MLP: w_in [D,F], w_out [F,D]; gated adds w_gate [D,F]; biases b_in (b_gate) [F], b_out [D]
+    with config.has_mlp_bias."""
     D, F = config.d_model, config.ff_dim
     k_in, k_out = jax.random.split(key)
     p = {"w_in": _normal(k_in, (D, F), config.init_std), "w_out": _normal(k_out, (F, D), out_std)}
-    if config.use_bias:
+    if config.mlp == "gated":  # its own key folded in, so a plain MLP's init stays as it was
+        p["w_gate"] = _normal(jax.random.fold_in(key, 1), (D, F), config.init_std)
+    if config.has_mlp_bias:
         p |= {"b_in": jnp.zeros((F,), jnp.float32), "b_out": jnp.zeros((D,), jnp.float32)}
+        if config.mlp == "gated":
+            p["b_gate"] = jnp.zeros((F,), jnp.float32)
     return p
 
 
@@ -79,19 +95,68 @@ def sinusoidal(positions: jax.Array, d_model: int, dtype=jnp.float32) -> jax.Arr
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).astype(dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+def rope_frequencies(rotary_dim: int, base: float, scaling=None) -> tuple[jax.Array, float]:
+    """RoPE's inverse frequencies float32 [R/2] (base^(-2i/R)) after `scaling` (a
+    config.RopeScaling or None), and the cos/sin multiplier (yarn's attention factor, else 1).
+
+    The scalings follow Hugging Face's `modeling_rope_utils` (linear, llama3, yarn), in float32.
+    """
+    R = rotary_dim
+    freqs = base ** (-jnp.arange(0, R, 2, dtype=jnp.float32) / R)  # [R/2]
+    if scaling is None:
+        return freqs, 1.0
+    factor = scaling.factor
+    if scaling.kind == "linear":
+        return freqs / factor, 1.0
+    if scaling.kind == "llama3":
+        old = scaling.original_max_len
+        low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / freqs
+        scaled = jnp.where(wavelen > low_wavelen, freqs / factor, freqs)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled), 1.0
+    # yarn: interpolated (divided by factor) where a dim turns fewer than beta_slow times over
+    # the original context, extrapolated (kept) where more than beta_fast, a linear ramp between.
+    def correction_dim(rotations):
+        return R * math.log(scaling.original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, R - 1)
+    high = high + 0.001 if low == high else high
+    ramp = jnp.clip((jnp.arange(R // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+    keep = 1.0 - ramp  # the extrapolated share of each dim
+    freqs = (freqs / factor) * (1.0 - keep) + freqs * keep
+    attention_factor = scaling.attention_factor
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return freqs, attention_factor
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0, *,
+         freqs: jax.Array | None = None, multiplier: jax.Array | float = 1.0) -> jax.Array:
     """Rotary position embedding, rotate-half convention (GPT-NeoX, Llama).
 
-    x [B,T,N,H], positions int [B,T] -> [B,T,N,H]. Channel pair (i, i + H/2) is rotated by
-    position * base^(-2i/H).
+    x [B,T,N,H], positions int [B,T] -> [B,T,N,H]. With freqs float32 [R/2] (R <= H, from
+    `rope_frequencies`), channel pair (i, i + R/2) of the first R channels is rotated by
+    position * freqs[i] and the last H - R channels pass through unchanged (partial rotary);
+    cos and sin are times `multiplier`. Without freqs, R = H and freqs[i] = base^(-2i/H).
     """
     H = x.shape[-1]
-    freqs = base ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)  # [H/2]
-    angles = positions.astype(jnp.float32)[..., None, None] * freqs[None, None, None, :]  # [B, T, 1, H/2]
+    if freqs is None:
+        freqs, _ = rope_frequencies(H, base)
+    R = 2 * freqs.shape[-1]
+    angles = positions.astype(jnp.float32)[..., None, None] * freqs[None, None, None, :]  # [B, T, 1, R/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    if not (isinstance(multiplier, float) and multiplier == 1.0):
+        cos, sin = cos * multiplier, sin * multiplier
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf[..., :R], 2, axis=-1)
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin] + ([xf[..., R:]] if R < H else [])
+    return jnp.concatenate(parts, axis=-1).astype(x.dtype)
 
 
 # --- norms, MLP, dropout ----------------------------------------------------------------------
@@ -111,6 +176,32 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     return (y * scale + bias).astype(x.dtype)
 
 
+def rms_norm(p: dict, x: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm over the last axis in float32; x [..., D] -> [..., D].
+
+    Llama's form casts x̂ back to x's dtype before the weight; Gemma's (plus_one) multiplies by
+    (1 + w) in float32 and casts last, as Hugging Face computes each.
+    """
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    scale = p["scale"].astype(jnp.float32)
+    if plus_one:
+        return (y * (1.0 + scale)).astype(x.dtype)
+    return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def norm(kind: str, p: dict, x: jax.Array, eps: float) -> jax.Array:
+    """The configured norm: "layer" (LayerNorm), "rms" or "rms_plus_one" (`rms_norm`)."""
+    if kind == "layer":
+        return layer_norm(p, x, eps)
+    return rms_norm(p, x, eps, plus_one=kind == "rms_plus_one")
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma 2's soft-capping of scores and logits); identity for None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def activation(name: str, x: jax.Array) -> jax.Array:
     if name == "gelu":
         return jax.nn.gelu(x, approximate=False)
@@ -122,8 +213,13 @@ def activation(name: str, x: jax.Array) -> jax.Array:
 
 
 def mlp(p: dict, x: jax.Array, act: str) -> jax.Array:
-    """Position-wise MLP: x [B,T,D] -> [B,T,D] through F hidden units."""
-    h = activation(act, dense(x, p["w_in"], p.get("b_in")))  # [B, T, F]
+    """Position-wise MLP: x [B,T,D] -> [B,T,D] through F hidden units; gated (a "w_gate" in p)
+    as act(x W_gate) * (x W_in), the SwiGLU / GeGLU form."""
+    h = dense(x, p["w_in"], p.get("b_in"))  # [B, T, F]
+    if "w_gate" in p:
+        h = activation(act, dense(x, p["w_gate"], p.get("b_gate"))) * h
+    else:
+        h = activation(act, h)
     return dense(h, p["w_out"], p.get("b_out"))
 
 

@@ -58,15 +58,27 @@ CAUSAL_MIN_ROWS = 64
 # --- parameters -------------------------------------------------------------------------------
 
 
+def _sublayer_norms(config, name: str) -> dict:
+    """The norms of sublayer `name` ("attn", "cross", "mlp") for the config's norm placement:
+    {name}_norm before it ("pre", "sandwich") or after the residual add ("post"), and
+    {name}_post_norm on its output ("sandwich", "post_branch")."""
+    D, kind, placement = config.d_model, config.norm, config.norm_position
+    norms = {}
+    if placement in ("pre", "post", "sandwich"):
+        norms[f"{name}_norm"] = layers.init_norm(D, kind)
+    if placement in ("sandwich", "post_branch"):
+        norms[f"{name}_post_norm"] = layers.init_norm(D, kind)
+    return norms
+
+
 def init_block(key: jax.Array, config, out_std: float, cross: bool = False) -> dict:
-    """One block's parameters: {attn_norm, attn, (cross_norm, cross,) mlp_norm, mlp}."""
+    """One block's parameters: attn, (cross,) mlp and their norms (`_sublayer_norms`)."""
     k_attn, k_cross, k_mlp = jax.random.split(key, 3)
-    D = config.d_model
-    block = {"attn_norm": layers.init_norm(D), "attn": layers.init_attention(k_attn, config, out_std)}
+    block = _sublayer_norms(config, "attn") | {"attn": layers.init_attention(k_attn, config, out_std)}
     if cross:
-        block |= {"cross_norm": layers.init_norm(D),
-                  "cross": layers.init_attention(k_cross, config, out_std, cross=True)}
-    return block | {"mlp_norm": layers.init_norm(D), "mlp": layers.init_mlp(k_mlp, config, out_std)}
+        block |= _sublayer_norms(config, "cross") | {
+            "cross": layers.init_attention(k_cross, config, out_std, cross=True)}
+    return block | _sublayer_norms(config, "mlp") | {"mlp": layers.init_mlp(k_mlp, config, out_std)}
 
 
 def init_blocks(key: jax.Array, config, num_layers: int, cross: bool = False) -> dict:
@@ -90,9 +102,9 @@ def init_decoder_params(config: DecoderConfig, key: jax.Array) -> dict:
     """Random parameters of the decoder-only LM, float32.
 
     Returns a pytree: embed [V,D]; pos_embed [max_len,D] (learned positions only); layers: one
-    dict {attn_norm, attn, mlp_norm, mlp} whose every leaf has a leading [L] axis (e.g.
-    attn.qkv [L, D, (N+2K)*H]); final_norm (pre-LN only); head [D,V] (untied only). Residual
-    output projections use std init_std / sqrt(2L) (GPT-2).
+    dict {attn, mlp and their norms} whose every leaf has a leading [L] axis (e.g.
+    attn.qkv [L, D, (N+2K)*H]); final_norm (every placement but "post"); head [D,V] (untied
+    only). Residual output projections use std init_std / sqrt(2L) (GPT-2).
     """
     k_embed, k_pos, k_head, k_layers = jax.random.split(key, 4)
     D = config.d_model
@@ -100,8 +112,8 @@ def init_decoder_params(config: DecoderConfig, key: jax.Array) -> dict:
     if config.position == "learned":
         params["pos_embed"] = layers._normal(k_pos, (config.max_len, D), config.init_std / 2)
     params["layers"] = init_blocks(k_layers, config, config.num_layers)
-    if config.norm_position == "pre":
-        params["final_norm"] = layers.init_norm(D)
+    if config.has_final_norm:
+        params["final_norm"] = layers.init_norm(D, config.norm)
     if not config.tie_embeddings:
         params["head"] = layers._normal(k_head, (D, config.vocab_size), config.init_std)
     return params
@@ -123,36 +135,117 @@ def embed_inputs(params: dict, config: DecoderConfig, tokens: jax.Array, positio
     return x
 
 
-def sublayer_in(norm: dict, config, x: jax.Array) -> jax.Array:
-    """Pre-LN normalises the sublayer's input; post-LN feeds the residual stream as is."""
-    return layers.layer_norm(norm, x, config.layer_norm_eps) if config.norm_position == "pre" else x
+def apply_norm(config, p: dict, x: jax.Array) -> jax.Array:
+    """The config's norm (LayerNorm, RMSNorm or Gemma's) with params p over x's last axis."""
+    return layers.norm(config.norm, p, x, config.layer_norm_eps)
 
 
-def sublayer_out(norm: dict, config, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Residual add; post-LN normalises the sum."""
-    if config.norm_position == "pre":
-        return x + y
-    return layers.layer_norm(norm, x + y, config.layer_norm_eps)
+def sublayer_in(p: dict, name: str, config, x: jax.Array) -> jax.Array:
+    """The input of block p's sublayer `name`: normalised for "pre" and "sandwich", else the
+    residual stream as is."""
+    return apply_norm(config, p[f"{name}_norm"], x) if f"{name}_norm" in p and config.norm_position != "post" else x
 
 
-def self_qkv(p: dict, config, h: jax.Array, positions: jax.Array):
-    """h [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H], with RoPE applied to q and k if configured."""
-    q, k, v = layers.project_qkv(p, h, config.num_heads, config.kv_heads)
+def sublayer_out(p: dict, name: str, config, x: jax.Array, y: jax.Array) -> jax.Array:
+    """The residual add of sublayer `name`'s output y: normalised first for "sandwich" and
+    "post_branch"; the sum normalised for "post"."""
+    if f"{name}_post_norm" in p:
+        y = apply_norm(config, p[f"{name}_post_norm"], y)
+    if config.norm_position == "post":
+        return apply_norm(config, p[f"{name}_norm"], x + y)
+    return x + y
+
+
+@flax.struct.dataclass
+class LayerConstants:
+    """What differs between layers besides their weights, as arrays with a leading [L] axis, so a
+    layer scan reads row i and compiles one block whatever the mix of layer kinds.
+
+    freqs: float32 [L, R/2] RoPE inverse frequencies (None without RoPE); rope_mult: float32
+    [L], yarn's cos/sin multiplier; window: int32 [L], the sliding window (a bound no sequence
+    reaches on global layers; None when no layer slides).
+    """
+
+    freqs: jax.Array | None
+    rope_mult: jax.Array | None
+    window: jax.Array | None
+
+    def layer(self, i) -> "LayerConstants":
+        return jax.tree.map(lambda a: a[i], self)
+
+
+# The window of a global layer in a model with sliding layers: wider than any cache.
+NO_WINDOW = 2**30
+
+
+def layer_constants(config) -> LayerConstants:
+    """Each layer's RoPE table and window (`LayerConstants`) from the config.
+
+    With rope_local_base, sliding layers rotate with that base unscaled and global layers with
+    rope_base and rope_scaling (Gemma 3); otherwise every layer uses rope_base and rope_scaling.
+    """
+    L = config.num_layers
+    sliding = [config.is_sliding(i) for i in range(L)]
+    freqs = mult = window = None
     if config.position == "rope":
-        q = layers.rope(q, positions, config.rope_base)
-        k = layers.rope(k, positions, config.rope_base)
+        global_freqs, global_mult = layers.rope_frequencies(config.rotary_dim, config.rope_base, config.rope_scaling)
+        tables, mults = [global_freqs], [global_mult]
+        if config.rope_local_base is not None:
+            local_freqs, local_mult = layers.rope_frequencies(config.rotary_dim, config.rope_local_base)
+            tables, mults = [global_freqs, local_freqs], [global_mult, local_mult]
+        kind = jnp.asarray([1 if s and len(tables) > 1 else 0 for s in sliding], jnp.int32)
+        freqs = jnp.stack(tables)[kind]  # [L, R/2]
+        mult = jnp.asarray(mults, jnp.float32)[kind]  # [L]
+    if config.sliding_window is not None:
+        window = jnp.asarray([config.sliding_window if s else NO_WINDOW for s in sliding], jnp.int32)
+    return LayerConstants(freqs=freqs, rope_mult=mult, window=window)
+
+
+def _qk_norm(p: dict, config, q: jax.Array, k: jax.Array):
+    """qk-norm of q [B,T,N,H] and k [B,T,K,H]: per head over H, or over each whole projection."""
+    if config.qk_norm == "head":
+        return apply_norm(config, p["q_norm"], q), apply_norm(config, p["k_norm"], k)
+    if config.qk_norm == "projection":
+        flat = lambda norm, a: apply_norm(config, norm, a.reshape(*a.shape[:2], -1)).reshape(a.shape)  # noqa: E731
+        return flat(p["q_norm"], q), flat(p["k_norm"], k)
+    return q, k
+
+
+def self_qkv(p: dict, config, h: jax.Array, positions: jax.Array, consts: LayerConstants | None = None):
+    """h [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H], qk-normed and rotated (RoPE) if configured.
+
+    consts: this layer's row of `layer_constants` (None: computed for a uniform stack)."""
+    q, k, v = layers.project_qkv(p, h, config.num_heads, config.kv_heads)
+    q, k = _qk_norm(p, config, q, k)
+    if config.position == "rope":
+        consts = layer_constants(config).layer(0) if consts is None else consts
+        q = layers.rope(q, positions, freqs=consts.freqs, multiplier=consts.rope_mult)
+        k = layers.rope(k, positions, freqs=consts.freqs, multiplier=consts.rope_mult)
     return q, k, v
 
 
+def attention_options(config) -> dict:
+    """The static keyword arguments of `attend` / `attend_cache` for the config's scores."""
+    return {"scale": config.attn_scale, "softcap": config.attn_softcap}
+
+
+def window_mask(window: jax.Array | None, query_slots: jax.Array, key_slots: jax.Array) -> jax.Array | None:
+    """A sliding window over slots (positions within a row differ as slots do): bool [T, S], True
+    where query_slots[t] - window < key_slots[s]; None without a window."""
+    if window is None:
+        return None
+    return key_slots[None, :] > query_slots[:, None] - window
+
+
 def mlp_sublayer(p: dict, config, x: jax.Array, drop=lambda y: y) -> jax.Array:
-    h = sublayer_in(p["mlp_norm"], config, x)
-    return sublayer_out(p["mlp_norm"], config, x, drop(layers.mlp(p["mlp"], h, config.activation)))
+    h = sublayer_in(p, "mlp", config, x)
+    return sublayer_out(p, "mlp", config, x, drop(layers.mlp(p["mlp"], h, config.activation)))
 
 
 def output_logits(params: dict, config, x: jax.Array) -> jax.Array:
-    """x [B,T,D] -> logits [B,T,V] in float32 (final norm for pre-LN; tied or separate head)."""
+    """x [B,T,D] -> logits [B,T,V] in float32 (final norm, tied or separate head, soft-cap)."""
     if "final_norm" in params:
-        x = layers.layer_norm(params["final_norm"], x, config.layer_norm_eps)
+        x = apply_norm(config, params["final_norm"], x)
     if "embed_t" in params:  # the tied head's [D, V] copy (`step_params`)
         logits = jnp.einsum("BTD,DV->BTV", x, params["embed_t"].astype(x.dtype))
     elif config.tie_embeddings:
@@ -161,7 +254,7 @@ def output_logits(params: dict, config, x: jax.Array) -> jax.Array:
         logits = jnp.einsum("BTD,DV->BTV", x, params["head"].astype(x.dtype))
     if "logits_bias" in params:
         logits = logits + params["logits_bias"][None, None, :]
-    return logits.astype(jnp.float32)
+    return layers.softcap(logits.astype(jnp.float32), config.final_softcap)
 
 
 def _dropper(rate: float, rng: jax.Array | None):
@@ -176,13 +269,13 @@ def cross_sublayer(p: dict, config, x: jax.Array, cross_k: jax.Array, cross_v: j
     """Cross-attention: Q from the decoder stream x [B,T,D], K/V [B,K,S,H] precomputed from the
     encoder, cross_mask bool [B,S] (real source positions). With return_probs also the
     probabilities [B,N,T,S]."""
-    h = sublayer_in(p["cross_norm"], config, x)
+    h = sublayer_in(p, "cross", config, x)
     q = layers.project_q(p["cross"], h, config.num_heads)
     # The projected K/V of source padding are finite: no zeroing pass is needed.
     o = attend(q, cross_k, cross_v, cross_mask[:, None, :], heads_first=True,
                zero_unseen_values=False, return_probs=return_probs)
     o, probs = o if return_probs else (o, None)
-    return sublayer_out(p["cross_norm"], config, x, drop(layers.project_out(p["cross"], o))), probs
+    return sublayer_out(p, "cross", config, x, drop(layers.project_out(p["cross"], o))), probs
 
 
 def _cross_xs(cross: CrossKV | None):
@@ -217,18 +310,22 @@ def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=N
     drop = _dropper(dropout_rate, rng)
     cross_mask = None if cross is None else cross.mask()
     T = x.shape[1]
+    options = attention_options(config)
     if causal and not return_attention:
-        self_attend = functools.partial(attend_causal, query_block=causal_query_block(T))
+        self_attend = functools.partial(attend_causal, query_block=causal_query_block(T), **options)
     else:
-        self_attend = functools.partial(attend, return_probs=return_attention)
+        self_attend = functools.partial(attend, return_probs=return_attention, **options)
+    consts = layer_constants(config)
+    slots = jnp.arange(T, dtype=jnp.int32)
 
     def block(x, xs):
         p, i, cross_kv = xs
-        h = sublayer_in(p["attn_norm"], config, x)
-        q, k, v = self_qkv(p["attn"], config, h, positions)
-        o = self_attend(q, k, v, mask)
+        c = consts.layer(i)
+        h = sublayer_in(p, "attn", config, x)
+        q, k, v = self_qkv(p["attn"], config, h, positions, c)
+        o = self_attend(q, k, v, combine_masks(mask, window_mask(c.window, slots, slots)))
         o, self_probs = o if return_attention else (o, None)
-        x = sublayer_out(p["attn_norm"], config, x, drop(layers.project_out(p["attn"], o), 3 * i + 1))
+        x = sublayer_out(p, "attn", config, x, drop(layers.project_out(p["attn"], o), 3 * i + 1))
         cross_probs = None
         if cross_kv is not None:
             x, cross_probs = cross_sublayer(p, config, x, *cross_kv, cross_mask,
@@ -292,15 +389,19 @@ def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cros
     positions = (cache.end + jnp.arange(C, dtype=jnp.int32)[None, :] - cache.starts[:, None]).astype(jnp.int32)
     x = embed_inputs(params, config, tokens, positions)  # [B, C, D]
     cross_mask = None if cross is None else cross.mask()
+    consts = layer_constants(config)
+    options = attention_options(config)
 
     def block(carry, xs):
         x, k_all, v_all = carry
         p, i, cross_kv = xs
-        h = sublayer_in(p["attn_norm"], config, x)
-        q, k, v = self_qkv(p["attn"], config, h, positions)
+        c = consts.layer(i)
+        h = sublayer_in(p, "attn", config, x)
+        q, k, v = self_qkv(p["attn"], config, h, positions, c)
         k_all, v_all = kv_cache.write_layer(k_all, v_all, i, cache.end, k, v)
-        o = attend_cache(q, k_all, v_all, cache.starts, cache.end, layer=i, block_size=BLOCK_SIZE)
-        x = sublayer_out(p["attn_norm"], config, x, layers.project_out(p["attn"], o))
+        o = attend_cache(q, k_all, v_all, cache.starts, cache.end, layer=i, block_size=BLOCK_SIZE,
+                         window=c.window, **options)
+        x = sublayer_out(p, "attn", config, x, layers.project_out(p["attn"], o))
         if cross_kv is not None:
             x, _ = cross_sublayer(p, config, x, *cross_kv, cross_mask)
         return (mlp_sublayer(p, config, x), k_all, v_all), None

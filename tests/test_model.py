@@ -358,7 +358,7 @@ _BASE_CONFIG = dict(vocab_size=37, num_layers=2, d_model=32, num_heads=4, max_le
         (dict(d_model=36, num_heads=12, position="rope"), "head dim"),  # head dim 3: odd
         (dict(d_model=33, num_heads=3, position="sinusoidal"), "d_model"),  # odd sin/cos split
         (dict(position="alibi"), "position"),
-        (dict(norm_position="sandwich"), "norm_position"),
+        (dict(norm_position="middle"), "norm_position"),
         (dict(activation="swish"), "activation"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(num_layers=2.0), "num_layers"),

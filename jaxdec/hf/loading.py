@@ -15,6 +15,9 @@ from jaxdec.hf.files import _resolve
 from jaxdec.hf.gpt2 import GPT2_DEFAULTS, from_gpt2
 from jaxdec.hf.mapping import _given
 from jaxdec.hf.marian import MARIAN_DEFAULTS, from_marian
+from jaxdec.hf.modern import FAMILIES, first_eos, from_modern
+
+SUPPORTED = ("gpt2", "marian", *FAMILIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +37,17 @@ class SpecialIds:
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """A loaded checkpoint folder: model_type ("gpt2" or "marian"), config, params, special ids,
-    and the raw generation settings (config.json updated by generation_config.json)."""
+    """A loaded checkpoint: model_type (one of `SUPPORTED`), config, params, special ids, and the
+    raw generation settings (config.json updated by generation_config.json). A GGUF file's
+    checkpoint (`jaxdec.hf.load_gguf`) also carries its tokenizer and chat template."""
 
     model_type: str
     config: DecoderConfig | Seq2SeqConfig
     params: dict
     special: SpecialIds
     generation: dict
+    tokenizer: object | None = None
+    chat_template: str | None = None
 
 
 def _single_id(name: str, value) -> int | None:
@@ -55,8 +61,14 @@ def _single_id(name: str, value) -> int | None:
 
 
 def _special(model_type: str, settings: dict, vocab_size: int) -> SpecialIds:
-    defaults = GPT2_DEFAULTS if model_type == "gpt2" else MARIAN_DEFAULTS
+    defaults = {"gpt2": GPT2_DEFAULTS, "marian": MARIAN_DEFAULTS}.get(model_type, {})
     get = lambda k: settings[k] if k in settings else defaults.get(k)  # noqa: E731
+    if model_type in FAMILIES:
+        eos = first_eos(get("eos_token_id"))
+        pad = first_eos(get("pad_token_id"))
+        special = SpecialIds(eos_id=eos, pad_id=eos if pad is None else pad,
+                             bos_id=_single_id("bos_token_id", get("bos_token_id")))
+        return _check_ids(special, vocab_size)
     eos = _single_id("eos_token_id", get("eos_token_id"))
     pad = _single_id("pad_token_id", get("pad_token_id"))
     if model_type == "gpt2":
@@ -66,6 +78,10 @@ def _special(model_type: str, settings: dict, vocab_size: int) -> SpecialIds:
         start = _single_id("decoder_start_token_id", get("decoder_start_token_id"))
         special = SpecialIds(eos_id=eos, pad_id=pad, decoder_start_id=pad if start is None else start,
                              bos_id=_single_id("bos_token_id", get("bos_token_id")))
+    return _check_ids(special, vocab_size)
+
+
+def _check_ids(special: SpecialIds, vocab_size: int) -> SpecialIds:
     for name in ("eos_id", "pad_id", "decoder_start_id"):  # the ids decoding uses
         value = getattr(special, name)
         if value is not None and not 0 <= value < vocab_size:
@@ -82,8 +98,11 @@ def _model_type(cfg: dict, tensors: dict) -> str:
             return "gpt2"
         if any("encoder.layers." in n for n in names):
             return "marian"
-    if model_type not in ("gpt2", "marian"):
-        raise ValueError(f"model_type {model_type!r} is not supported: jaxdec imports 'gpt2' and 'marian'")
+        if any(n.startswith("model.layers.") for n in names):
+            raise ValueError("config.json gives no model_type: name the Llama-style family, one of "
+                             f"{sorted(FAMILIES)}")
+    if model_type not in SUPPORTED:
+        raise ValueError(f"model_type {model_type!r} is not supported: jaxdec imports {', '.join(SUPPORTED)}")
     return model_type
 
 
@@ -105,10 +124,12 @@ def special_ids(source, config=None) -> SpecialIds:
 
 
 def load_checkpoint(folder: str) -> Checkpoint:
-    """A local GPT-2 or Marian checkpoint folder, dispatched on config.json's model_type."""
+    """A local checkpoint folder, dispatched on config.json's model_type (one of `SUPPORTED`)."""
     tensors, cfg, generation = _resolve(folder, None)
     model_type = _model_type(cfg, tensors)
-    convert = from_gpt2 if model_type == "gpt2" else from_marian
-    config, params = convert(tensors, cfg)
+    if model_type in FAMILIES:
+        config, params = from_modern(tensors, cfg, model_type)
+    else:
+        config, params = (from_gpt2 if model_type == "gpt2" else from_marian)(tensors, cfg)
     return Checkpoint(model_type=model_type, config=config, params=params,
                       special=_special(model_type, generation, config.vocab_size), generation=generation)
