@@ -14,11 +14,12 @@ tyro from jaxdec.trainer.RunConfig and the model and train configs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import tyro
 
-from jaxdec.trainer import DATES_PRESETS, PRESETS, RunConfig, Seq2SeqRunConfig, run
+from jaxdec.trainer import BLOCKS, DATES_PRESETS, PRESETS, RunConfig, Seq2SeqRunConfig, run
 
 TASKS = {"lm": (RunConfig, PRESETS), "dates": (Seq2SeqRunConfig, DATES_PRESETS)}
 
@@ -28,13 +29,20 @@ def main(argv: list[str] | None = None) -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", choices=sorted(TASKS), default="lm")
     pre.add_argument("--preset", default="small")
+    pre.add_argument("--block", default=None)
     known, rest = pre.parse_known_args(argv)
     config_type, presets = TASKS[known.task]
     if known.preset not in presets:
         sys.exit(f"error: --preset must be one of {sorted(presets)} for --task {known.task}, got {known.preset!r}")
-    cfg = tyro.cli(config_type, default=presets[known.preset], args=rest,
+    default = presets[known.preset]
+    if known.block is not None:
+        if known.task != "lm" or known.block not in BLOCKS:
+            sys.exit(f"error: --block must be one of {sorted(BLOCKS)} (--task lm only), got {known.block!r}")
+        default = dataclasses.replace(default, model=BLOCKS[known.block](default.model))
+    cfg = tyro.cli(config_type, default=default, args=rest,
                    description=f"{__doc__}\nTask {known.task}, preset {known.preset} "
-                               f"(--task {{{','.join(sorted(TASKS))}}}, --preset {{{','.join(sorted(presets))}}}).")
+                               f"(--task {{{','.join(sorted(TASKS))}}}, --preset {{{','.join(sorted(presets))}}}, "
+                               f"--block {{{','.join(sorted(BLOCKS))}}} for the lm task).")
     try:
         run(cfg)
     except (ValueError, FileNotFoundError) as err:

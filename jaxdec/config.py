@@ -173,6 +173,8 @@ def _validate_block(cfg) -> None:
         if cfg.sliding_window is None:
             raise ValueError("sliding_layers needs a sliding_window")
         object.__setattr__(cfg, "sliding_layers", tuple(sorted(set(layers))))
+    if isinstance(cfg.rope_scaling, dict):  # as a config.json holds it
+        object.__setattr__(cfg, "rope_scaling", RopeScaling(**cfg.rope_scaling))
     if cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling, RopeScaling):
         raise ValueError(f"rope_scaling must be a RopeScaling or None, got {cfg.rope_scaling!r}")
     if cfg.position != "rope" and (cfg.rope_scaling is not None or cfg.rope_local_base is not None

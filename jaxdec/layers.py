@@ -184,7 +184,7 @@ def rms_norm(p: dict, x: jax.Array, eps: float, plus_one: bool = False) -> jax.A
     """
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
-    scale = p["scale"].astype(jnp.float32)
+    scale = jnp.reshape(p["scale"].astype(jnp.float32), (1,) * (x.ndim - 1) + (-1,))
     if plus_one:
         return (y * (1.0 + scale)).astype(x.dtype)
     return y.astype(x.dtype) * scale.astype(x.dtype)

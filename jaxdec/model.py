@@ -230,11 +230,12 @@ def attention_options(config) -> dict:
 
 
 def window_mask(window: jax.Array | None, query_slots: jax.Array, key_slots: jax.Array) -> jax.Array | None:
-    """A sliding window over slots (positions within a row differ as slots do): bool [T, S], True
-    where query_slots[t] - window < key_slots[s]; None without a window."""
+    """A sliding window over slots (positions within a row differ as slots do): bool, True
+    where query_slots[t] - window < key_slots[s], with a leading batch axis of 1 ([1, T, S]); None
+    without a window."""
     if window is None:
         return None
-    return key_slots[None, :] > query_slots[:, None] - window
+    return (key_slots[None, :] > query_slots[:, None] - window)[None]  # [1, T, S]
 
 
 def mlp_sublayer(p: dict, config, x: jax.Array, drop=lambda y: y) -> jax.Array:

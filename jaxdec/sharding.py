@@ -55,7 +55,7 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "pos_embed": ("positions", "embed"),  # [max_len, D]
     "head": ("embed", "vocab"),  # [D, V]
     "logits_bias": ("vocab",),  # [V]
-    "scale": ("embed",),  # LayerNorm [D]
+    "scale": ("embed",),  # a norm's [D] (qk-norm: [H], [N*H] or [K*H])
     "bias": ("embed",),
     "qkv": ("embed", "heads"),  # [D, (N+2K)*H]
     "qkv_bias": ("heads",),
@@ -67,6 +67,8 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "out_bias": ("embed",),
     "w_in": ("embed", "mlp"),  # [D, F]
     "b_in": ("mlp",),
+    "w_gate": ("embed", "mlp"),  # [D, F]
+    "b_gate": ("mlp",),
     "w_out": ("mlp", "embed"),  # [F, D]
     "b_out": ("embed",),
 }

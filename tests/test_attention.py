@@ -538,3 +538,67 @@ def test_safe_softmax_gradient_passes_check_grads():
     scores, mask, _ = _softmax_case(23)
     check_grads(lambda s: safe_softmax(s, mask), (scores,), order=1, modes=("rev",), eps=1e-3,
                 atol=2e-3, rtol=2e-3)
+
+
+_attend_cache_window_jit = jax.jit(attend_cache, static_argnames=("block_size", "scale", "softcap"))
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("window", [1, 5, 9])
+def test_attend_cache_sliding_window_reads_only_the_blocks_inside_it(T, window):
+    """A sliding window (query slot q sees key slots q - W < k <= q, and the row's own start):
+    equal to the naive masked reference (1e-5), with NaN planted in every key and value slot of
+    the blocks wholly before the first query's window. A block that were read would carry its
+    NaN into the output through 0 * NaN, so finite outputs show those blocks are never read:
+    the step costs the window, not the filled length."""
+    B, N, K, H, L, capacity, block = 3, 4, 2, 8, 2, 64, 4
+    rng = np.random.default_rng(window + 10 * T)
+    end = 41
+    starts = np.array([0, 30, 40], np.int32)
+    k = rng.standard_normal((L, B, K, capacity, H)).astype(np.float32)
+    v = rng.standard_normal((L, B, K, capacity, H)).astype(np.float32)
+    first_block = max(0, end - window + 1) // block
+    k[:, :, :, : first_block * block] = np.nan
+    v[:, :, :, : first_block * block] = np.nan
+    k[:, :, :, end + T:] = 1e4  # not written yet
+    v[:, :, :, end + T:] = 1e4
+    q = rng.standard_normal((B, T, N, H)).astype(np.float32)
+    slots = np.arange(capacity)[None, None, :]
+    query = end + np.arange(T)[None, :, None]
+    mask = (slots >= starts[:, None, None]) & (slots <= query) & (slots > query - window)  # [B, T, S]
+    expected = naive_attend(q, np.swapaxes(np.nan_to_num(k[1]), 1, 2), np.swapaxes(np.nan_to_num(v[1]), 1, 2), mask)
+    out = _attend_cache_window_jit(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(starts),
+                                   jnp.asarray(end, jnp.int32), layer=jnp.asarray(1), block_size=block,
+                                   window=jnp.asarray(window, jnp.int32))
+    chex.assert_shape(out, (B, T, N, H))
+    chex.assert_trees_all_close(out, expected.astype(np.float32), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("block_size", [4, 64])  # blocks with an online softmax; one block
+@pytest.mark.parametrize("T", [1, 3])
+def test_attend_cache_scale_and_softcap_equal_a_hand_written_reference(block_size, T):
+    """Scores s = scale * q.k, capped to c * tanh(s / c) before the mask (Gemma 2): the cache's
+    blocked attention and `attend` both equal a float64 numpy computation (1e-5)."""
+    B, N, K, H, capacity, scale, cap = 2, 4, 2, 8, 20, 0.7, 2.5
+    rng = np.random.default_rng(T)
+    end = 15
+    starts = np.array([0, 6], np.int32)
+    k = 3 * rng.standard_normal((1, B, K, capacity, H))
+    v = rng.standard_normal((1, B, K, capacity, H))
+    q = 3 * rng.standard_normal((B, T, N, H))
+    kh = np.repeat(k[0], N // K, axis=1)  # [B, N, S, H]
+    vh = np.repeat(v[0], N // K, axis=1)
+    s = cap * np.tanh(scale * np.einsum("btnh,bnsh->bnts", q, kh) / cap)
+    slots = np.arange(capacity)[None, None, None, :]
+    allowed = (slots >= starts[:, None, None, None]) & (slots <= end + np.arange(T)[None, None, :, None])
+    s = np.where(allowed, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    expected = np.einsum("bnts,bnsh->btnh", p, vh)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    out = _attend_cache_window_jit(f32(q), f32(k), f32(v), jnp.asarray(starts), jnp.asarray(end, jnp.int32),
+                                   block_size=block_size, scale=scale, softcap=cap)
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+    mask = jnp.asarray(allowed[:, 0])  # [B, T, S]
+    plain = attend(f32(q), f32(k[0]), f32(v[0]), mask, heads_first=True, scale=scale, softcap=cap)
+    np.testing.assert_allclose(plain, expected, atol=1e-5, rtol=0)
