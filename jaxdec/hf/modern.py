@@ -1,9 +1,11 @@
 """Llama-style Hugging Face checkpoints as a jaxdec DecoderConfig and params: `from_modern`.
 
 One mapping covers the families transformers builds from the Llama block (`FAMILIES`): llama,
-mistral, qwen2, qwen3, gemma, gemma2, gemma3_text and olmo2. They differ only in config fields
-and in which norms a block holds; every nn.Linear weight [out, in] is transposed to jaxdec's
-[in, out]. Per layer i, under "model.layers.{i}.":
+mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2 and phi3. They differ only in config
+fields and in which norms a block holds; every nn.Linear weight [out, in] is transposed to
+jaxdec's [in, out]. Phi-3 fuses the projections: self_attn.qkv_proj [(N+2K)*H, D] (q, k, v rows
+in order: jaxdec's qkv, transposed) and mlp.gate_up_proj [2F, D] (gate rows, then up rows).
+Per layer i, under "model.layers.{i}.":
 
 | HF name                                          | jaxdec (layer i of params["layers"])   | transform        |
 |--------------------------------------------------|----------------------------------------|------------------|
@@ -74,7 +76,9 @@ FAMILIES: dict[str, dict] = {
     "gemma3_text": _spec(norm="rms_plus_one", norm_position="sandwich", qk_norm="head", embed_scale=True,
                          act="gelu_pytorch_tanh", tie=True, mlp_bias=False),
     "olmo2": _spec(norm_position="post_branch", qk_norm="projection", mlp_bias=False),
+    "phi3": _spec(qkv_bias=False, out_bias=False, mlp_bias=False),
 }
+FUSED = ("phi3",)  # families whose checkpoints fuse q/k/v and gate/up into one matrix each
 
 
 # --- the config ---------------------------------------------------------------------------------
@@ -155,7 +159,7 @@ def _sliding(model_type: str, cfg: dict, L: int) -> tuple[int | None, tuple[int,
         return None, None
     types = cfg.get("layer_types")
     if types is None:
-        if model_type == "mistral":
+        if model_type in ("mistral", "phi3"):
             return int(window), None
         if model_type in ("qwen2", "qwen3"):
             first = int(cfg.get("max_window_layers", 0))
@@ -207,7 +211,8 @@ def modern_config(model_type: str, cfg: dict, tensors: dict) -> DecoderConfig:
         num_heads=N,
         max_len=max_len,
         num_kv_heads=K,
-        d_ff=int(_given(cfg, "intermediate_size") or tensors["model.layers.0.mlp.up_proj.weight"].shape[0]),
+        d_ff=int(_given(cfg, "intermediate_size") or _need(tensors, "model.layers.0.mlp.down_proj.weight",
+                                                            "intermediate_size").shape[1]),
         position="rope",
         norm_position=spec["norm_position"],
         activation=_activation(act),
@@ -237,7 +242,17 @@ def modern_config(model_type: str, cfg: dict, tensors: dict) -> DecoderConfig:
 # --- the tensors --------------------------------------------------------------------------------
 
 
-def _rules(config: DecoderConfig, tensors: dict) -> dict[tuple, Rule]:
+def _gate_half(x):
+    """gate_up_proj [2F, D] -> the gate's [D, F]."""
+    return x[: x.shape[0] // 2].T
+
+
+def _up_half(x):
+    """gate_up_proj [2F, D] -> the up projection's [D, F]."""
+    return x[x.shape[0] // 2:].T
+
+
+def _rules(config: DecoderConfig, tensors: dict, fused: bool = False) -> dict[tuple, Rule]:
     """The mapping table (module docstring): {jaxdec path: (HF names, transform)}."""
     rules: dict[tuple, Rule] = {}
     if config.tie_embeddings:
@@ -254,7 +269,15 @@ def _rules(config: DecoderConfig, tensors: dict) -> dict[tuple, Rule]:
     for i in range(config.num_layers):
         h, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         me = ("layers", i)
-        rules[(*me, "attn", "qkv")] = ((a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"), _cat_t)
+        if fused:
+            rules[(*me, "attn", "qkv")] = ((a + "qkv_proj.weight",), _t)
+            rules[(*me, "mlp", "w_gate")] = ((m + "gate_up_proj.weight",), _gate_half)
+            rules[(*me, "mlp", "w_in")] = ((m + "gate_up_proj.weight",), _up_half)
+        else:
+            rules[(*me, "attn", "qkv")] = ((a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"), _cat_t)
+            rules[(*me, "mlp", "w_gate")] = ((m + "gate_proj.weight",), _t)
+            rules[(*me, "mlp", "w_in")] = ((m + "up_proj.weight",), _t)
+        rules[(*me, "mlp", "w_out")] = ((m + "down_proj.weight",), _t)
         rules[(*me, "attn", "out")] = ((a + "o_proj.weight",), _t)
         if config.has_qkv_bias:
             rules[(*me, "attn", "qkv_bias")] = ((a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"), _cat)
@@ -263,8 +286,6 @@ def _rules(config: DecoderConfig, tensors: dict) -> dict[tuple, Rule]:
         if config.qk_norm != "none":
             rules[(*me, "attn", "q_norm", "scale")] = ((a + "q_norm.weight",), _same)
             rules[(*me, "attn", "k_norm", "scale")] = ((a + "k_norm.weight",), _same)
-        for ours, theirs in (("w_gate", "gate_proj"), ("w_in", "up_proj"), ("w_out", "down_proj")):
-            rules[(*me, "mlp", ours)] = ((m + theirs + ".weight",), _t)
         if config.has_mlp_bias:
             for ours, theirs in (("b_gate", "gate_proj"), ("b_in", "up_proj"), ("b_out", "down_proj")):
                 rules[(*me, "mlp", ours)] = ((m + theirs + ".bias",), _same)
@@ -297,7 +318,7 @@ def from_modern(source, config=None, model_type: str | None = None) -> tuple[Dec
         raise ValueError(f"model_type {model_type!r} is not a Llama-style family jaxdec imports: "
                          f"{sorted(FAMILIES)}")
     dconfig = modern_config(model_type, cfg, tensors)
-    rules = _rules(dconfig, tensors)
+    rules = _rules(dconfig, tensors, fused=model_type in FUSED)
     used = {n for names, _ in rules.values() for n in names}
     tied_copy = lambda n: dconfig.tie_embeddings and n == "lm_head.weight" and n not in used  # noqa: E731
     params = _build(rules, tensors, _expected_tree(dconfig),
