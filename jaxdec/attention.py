@@ -211,10 +211,8 @@ def chunked_sum(x: jax.Array, axis: int) -> jax.Array:
 
     Over the minor (last) axis the chunks are slices of SUM_CHUNK (the last one shorter); over
     another axis, a reshape into chunks of the largest divisor of its length that fits (a length
-    with no such divisor, or more than 8 chunks, is summed whole). Measured in the decode step's
-    attention on a 2-core Xeon, interleaved: the scores' sum over H (minor) in slices ran batch 8
-    16% faster than one sum, reshaped chunks 12%; the values' sum over the block's slots in
-    slices ran 0.81x the reshaped chunks.
+    with no such divisor, or more than 8 chunks, is summed whole). Each axis gets the form that
+    ran the decode step's attention faster on CPU (`python -m jaxdec.bench decode --batches 8`).
     """
     axis = axis % x.ndim
     n = x.shape[axis]
@@ -308,8 +306,8 @@ def attend_cache(
         if T == 1:
             # A decode step: one query per row. Products summed in place read the block where it
             # lies in the cache; on CPU a dot cannot read a dynamic slice, so it copies it first.
-            # One sum over H = 64 became a windowed reduction of the stored product, 2.7x the
-            # time of the values' sum: both sum in chunks (`chunked_sum`).
+            # One sum over H = 64 became a windowed reduction of the stored product, unfused
+            # with it: both sum in chunks (`chunked_sum`).
             prod = qg[:, 0, :, :, None, :].astype(jnp.float32) * k_b[:, :, None].astype(jnp.float32)
             scores = chunked_sum(prod, axis=-1)[:, :, :, None, :]  # [B, K, G, 1, S]
         else:
@@ -333,7 +331,7 @@ def attend_cache(
     if capacity <= block_size:
         # A decode step over a small cache: its one block, read in place, with no loop. (The
         # plain attention above reads the layer through dots, which copy it out of the cache
-        # first: GPT-2 small at batch 8 with 72 slots decoded 7% faster this way, interleaved.)
+        # first; `python -m jaxdec.bench gpt2 --batches 8` measures the difference.)
         _, row_sum, acc = block(0, init)
     else:
         earliest = jnp.min(starts)

@@ -94,11 +94,10 @@ def decode_params(params, config: DecoderConfig | Seq2SeqConfig) -> DecodeParams
     `beam_search` calls (cached, on one device or where the arrays are; not with a mesh).
 
     Every decode program otherwise lays the weights out anew on each call, because on CPU a
-    loop cannot read layer i of a stacked [L, ...] weight in place. For a large model that copy
-    into fresh memory costs as much as a dozen steps (GPT-2 small on a 2-core CPU: 0.13-0.2 s
-    per call at batch 1, 0.45-0.6 s at batch 8). The result holds its own copy of the weights:
-    memory holds both layouts for as long as both are referenced. ValueError if params do not
-    match config.
+    loop cannot read layer i of a stacked [L, ...] weight in place. For a large model each call
+    then pays for that copy into fresh memory (`python -m jaxdec.bench gpt2` decodes both ways).
+    The result holds its own copy of the weights: memory holds both layouts for as long as both
+    are referenced. ValueError if params do not match config.
     """
     api.check_config(config)
     api.check_params(params, config)
@@ -221,12 +220,11 @@ def prefill_and_step(params, config, tokens, lengths, capacity, source, source_l
 
 
 # XLA's CPU compiler hands matmuls to YNNPACK by default. A cached step multiplies only B rows
-# (the batch: 1 to a few dozen) by each weight, and there XLA's own (Eigen) dots were faster:
-# the bench config decoded 1.25x faster at batch 8 on a 2-core Zen 3, and 1.4x (batch 1) to 2x
-# (batch 8) on a 2-core Zen 5 (in one process, interleaved A/B); GPT-2 small level on both, once
-# its tied head reads a [D, V] copy (`model.step_params`). A compiler option of the decode
-# programs only, not a process-global XLA flag: the user's other programs keep XLA's defaults.
-# {} compiles with the defaults.
+# (the batch: 1 to a few dozen) by each weight, and there XLA's own (Eigen) dots were faster on
+# the CPUs measured (`python -m jaxdec.bench decode`; `bench gpt2` checks GPT-2 small, whose tied
+# head reads a [D, V] copy, `model.step_params`). A compiler option of the decode programs only,
+# not a process-global XLA flag: the user's other programs keep XLA's defaults. {} compiles with
+# the defaults.
 CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 # --- init -------------------------------------------------------------------------------------
@@ -99,41 +100,42 @@ def rope_frequencies(rotary_dim: int, base: float, scaling=None) -> tuple[jax.Ar
     """RoPE's inverse frequencies float32 [R/2] (base^(-2i/R)) after `scaling` (a
     config.RopeScaling or None), and the cos/sin multiplier (yarn's attention factor, else 1).
 
-    The scalings follow Hugging Face's `modeling_rope_utils` (linear, llama3, yarn), in float32.
+    The scalings follow Hugging Face's `modeling_rope_utils` (linear, llama3, yarn). The table is
+    computed on the host in float64 and rounded once to float32: a float32 power is off by a few
+    ulps, and a frequency's error grows with the position it multiplies.
     """
     R = rotary_dim
-    freqs = base ** (-jnp.arange(0, R, 2, dtype=jnp.float32) / R)  # [R/2]
-    if scaling is None:
-        return freqs, 1.0
-    factor = scaling.factor
-    if scaling.kind == "linear":
-        return freqs / factor, 1.0
-    if scaling.kind == "llama3":
-        old = scaling.original_max_len
+    freqs = float(base) ** (-np.arange(0, R, 2, dtype=np.float64) / R)  # [R/2]
+    attention_factor = 1.0
+    if scaling is not None and scaling.kind == "linear":
+        freqs = freqs / scaling.factor
+    elif scaling is not None and scaling.kind == "llama3":
+        factor, old = scaling.factor, scaling.original_max_len
         low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
         wavelen = 2 * math.pi / freqs
-        scaled = jnp.where(wavelen > low_wavelen, freqs / factor, freqs)
+        scaled = np.where(wavelen > low_wavelen, freqs / factor, freqs)
         smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return jnp.where(medium, smoothed, scaled), 1.0
-    # yarn: interpolated (divided by factor) where a dim turns fewer than beta_slow times over
-    # the original context, extrapolated (kept) where more than beta_fast, a linear ramp between.
-    def correction_dim(rotations):
-        return R * math.log(scaling.original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        freqs = np.where(medium, smoothed, scaled)
+    elif scaling is not None:
+        # yarn: interpolated (divided by factor) where a dim turns fewer than beta_slow times over
+        # the original context, extrapolated (kept) where more than beta_fast, a linear ramp between.
+        def correction_dim(rotations):
+            return R * math.log(scaling.original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
-    if scaling.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, R - 1)
-    high = high + 0.001 if low == high else high
-    ramp = jnp.clip((jnp.arange(R // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
-    keep = 1.0 - ramp  # the extrapolated share of each dim
-    freqs = (freqs / factor) * (1.0 - keep) + freqs * keep
-    attention_factor = scaling.attention_factor
-    if attention_factor is None:
-        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-    return freqs, attention_factor
+        low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, R - 1)
+        high = high + 0.001 if low == high else high
+        ramp = np.clip((np.arange(R // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+        keep = 1.0 - ramp  # the extrapolated share of each dim
+        freqs = (freqs / scaling.factor) * (1.0 - keep) + freqs * keep
+        attention_factor = scaling.attention_factor
+        if attention_factor is None:
+            attention_factor = 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+    return jnp.asarray(freqs.astype(np.float32)), float(attention_factor)
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0, *,
@@ -239,7 +241,7 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
 
     The rows are flattened first: a 2-D [B*T, I] x [I, O] matmul, whose weight gradient is one
     [I, B*T] x [B*T, O] dot. With a [B,T,I] einsum XLA's CPU backend contracted two axes for it
-    and added layout copies: the bench train step measured 6-10% slower that way.
+    and added layout copies (`python -m jaxdec.bench train` measures the step).
     """
     B, T, I = x.shape
     y = jnp.matmul(x.reshape(B * T, I), w.astype(x.dtype)).reshape(B, T, -1)  # [B, T, O]

@@ -30,28 +30,26 @@ from jaxdec.cache import CrossKV, KVCache
 from jaxdec.config import DecoderConfig
 
 # Key slots per attention block of a cached step: a cache of at most BLOCK_SIZE slots is read in
-# one pass, a longer one block by block up to the newest key. Measured on the 2-core CPU (bench
-# config, 264 filled slots): 128-slot blocks made a step as fast at capacity 4096 as at 264, and
-# faster than one pass over 264 slots; 512-slot blocks cost 1.2x (batch 1) to 1.8x (batch 8). Query rows per prefill chunk: the
-# prompt buffer is as wide as capacity - max_new_tokens, so a short prompt in a long buffer
-# still runs one whole chunk; 64 rows keep that waste small and the matmuls efficient.
+# one pass, a longer one block by block up to the newest key: 128-slot blocks keep a step's cost
+# that of its filled slots, whatever the capacity (`python -m jaxdec.bench scaling`, capacity
+# sweep). Query rows per prefill chunk: the prompt buffer is as wide as capacity -
+# max_new_tokens, so a short prompt in a long buffer still runs one whole chunk; 64 rows keep
+# that waste small and the matmuls efficient.
 BLOCK_SIZE = 128
 CHUNK_SIZE = 64
 # Blocks traced per layer-scan iteration of a full-sequence pass (training, prefix recompute,
-# encoder): 4 runs a shallow model as fast as unrolled layers (measured: scanned one at a time,
-# the train step was 10-20% slower at 4 layers) and keeps compile time flat in depth. The cached
-# step scans one block at a time: unrolling it measured slower.
+# encoder): 4 runs a shallow model as fast as unrolled layers and keeps compile time flat in
+# depth (`python -m jaxdec.bench train`; compile time: `bench scaling`, depth sweep). The cached
+# step scans one block at a time: unrolling it was slower (`bench decode`).
 LAYER_UNROLL = 4
-# Depth up to which a decode loop reads per-layer weights (`step_params`). Measured on a quiet
-# 2-core CPU: GPT-2 small (12 layers) decoded at 21 vs 14 tokens/s (batch 1) and 68 vs 48
-# (batch 8) with split weights; but the step then compiles per layer, 27 s vs 2.5 s for
-# `generate` at 48 layers (d_model 64), so deeper models keep the scan over stacked weights.
+# Depth up to which a decode loop reads per-layer weights (`step_params`): each step's matmuls
+# read split weights in place (`python -m jaxdec.bench gpt2`), but the step then compiles per
+# layer, so deeper models keep the scan over stacked weights (`bench scaling`, depth sweep).
 SPLIT_LAYERS_MAX = 16
 # Query blocks of a training pass's causal self-attention (`attention.attend_causal`): the
 # sequence's queries run in at most this many blocks of at least CAUSAL_MIN_ROWS rows, each
-# reading keys up to its own last row only. Measured on a 2-core Xeon (bench train config,
-# interleaved in one process): 2 blocks (a quarter of the scores skipped) trained 6% faster than
-# one pass at T = 256 and 8% at T = 512; 4 blocks no faster than 2 and compiled 1.3x longer.
+# reading keys up to its own last row only: 2 blocks skip a quarter of the scores; 4 were no
+# faster and compile longer (`python -m jaxdec.bench train`).
 CAUSAL_BLOCKS = 2
 CAUSAL_MIN_ROWS = 64
 
@@ -432,9 +430,9 @@ def step_params(params: dict, config, batch: int) -> dict:
     step program that grows with depth (hence the bound).
 
     The tied head multiplies a few rows by the [V, D] embedding contracted on its minor axis.
-    On CPU that matmul ran slower than the same one against a [D, V] weight for 2 to 16 rows
-    (2-16x with XLA's own dots, 1.3x with YNNPACK's), so the loop reads a copy made once per
-    call. One row (a matrix-vector product) reads [V, D] as fast, and keeps it without the copy.
+    On CPU that matmul runs slower than the same one against a [D, V] weight for 2 to 16 rows
+    (`python -m jaxdec.bench gpt2`, batch 8), so the loop reads a copy made once per call. One
+    row (a matrix-vector product) reads [V, D] as fast, and keeps it without the copy.
     """
     out = dict(params)
     stacked = not isinstance(params["layers"], list)

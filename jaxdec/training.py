@@ -50,9 +50,9 @@ class TrainState:
     mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
 
 
-# Row groups of a train step on one CPU device (`row_groups`). Measured on the 2-core CPU (bench
-# train config, 16 x 256 tokens, interleaved in one process): 2 groups ran the step 2-12%
-# faster than 1 (4 groups: 5% more, but the step then compiles 2x longer: 15 s vs 7.8 s).
+# Row groups of a train step on one CPU device (`row_groups`): independent groups let XLA's CPU
+# runtime run one group's single-threaded elementwise kernels beside the other's matmuls; more
+# groups gain little and compile more copies of the model (`python -m jaxdec.bench train`).
 # Smaller batches keep one group, so they compile no extra copy of the model.
 CPU_ROW_GROUPS = 2
 CPU_GROUP_MIN_TOKENS = 1024
@@ -258,8 +258,8 @@ def _sums(logits, batch):
     targets = batch["tokens"][:, 1:]
     weights = target_weights(batch)
     loss_sum = jnp.sum(token_losses(logits, targets) * weights)
-    # argmax as two plain reductions: XLA's CPU (value, index) reduction took 9 ms of the bench
-    # train step's ~1,700 thread-ms (2-core Xeon, profiled), the two reductions 1.3 ms
+    # argmax as two plain reductions (`sampling.argmax`): XLA's CPU (value, index) reduction is
+    # slower (`python -m jaxdec.bench train`)
     predicted = sampling.argmax(logits).astype(targets.dtype)  # int64 under x64
     correct = jnp.sum((predicted == targets).astype(jnp.float32) * weights)
     return loss_sum, jnp.sum(weights), correct
