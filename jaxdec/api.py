@@ -16,6 +16,7 @@ from jax.experimental import checkify
 
 from jaxdec import checks, family, model, seq2seq  # noqa: F401  (importing registers the families)
 from jaxdec.config import DecoderConfig, Seq2SeqConfig
+from jaxdec.tuning import PLAIN, Tuning, for_arrays
 
 ModelConfig = DecoderConfig | Seq2SeqConfig
 
@@ -67,13 +68,13 @@ def check_params(params, config: ModelConfig) -> None:
 
 
 def apply(params, config, tokens, lengths, *, source=None, source_lengths=None,
-          dropout_rate: float = 0.0, rng=None) -> jax.Array:
+          dropout_rate: float = 0.0, rng=None, tuning: Tuning = PLAIN) -> jax.Array:
     """Traceable teacher-forcing forward pass with no host checks: logits float32 [B, T, V]."""
     return family.of(config).forward(params, config, tokens, lengths, source, source_lengths,
-                                     dropout_rate, rng)
+                                     dropout_rate, rng, tuning=tuning)
 
 
-_apply_jit = jax.jit(apply, static_argnames=("config", "dropout_rate"))
+_apply_jit = jax.jit(apply, static_argnames=("config", "dropout_rate", "tuning"))
 
 
 def check_source(config, source, source_lengths):
@@ -136,7 +137,8 @@ def forward(params, config: ModelConfig, tokens, lengths=None, *, source=None, s
             raise ValueError(f"source has batch {jnp.shape(source)[0]}, tokens have {tokens.shape[0]}")
         source = jnp.asarray(source, jnp.int32)
     return _apply_jit(params, config, jnp.asarray(tokens, jnp.int32), lengths, source=source,
-                      source_lengths=source_lengths, dropout_rate=dropout_rate, rng=rng)
+                      source_lengths=source_lengths, dropout_rate=dropout_rate, rng=rng,
+                      tuning=for_arrays(params))
 
 
 def _checked_apply(params, config, tokens, lengths):

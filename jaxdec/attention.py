@@ -199,29 +199,25 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, 
     return jnp.concatenate(blocks, axis=1)
 
 
-# XLA's CPU compiler rewrites a sum over more than 32 elements into a windowed reduction that
-# does not fuse with the product feeding it; sums of at most 32 stay one fused kernel.
-SUM_CHUNK = 32
+def chunked_sum(x: jax.Array, axis: int, chunk: int = 32) -> jax.Array:
+    """`jnp.sum(x, axis)`, computed as partial sums over chunks of at most `chunk` elements that
+    are then added one by one: XLA's CPU compiler rewrites a longer sum into a windowed reduction
+    that does not fuse with the product feeding it (`tuning.Tuning.sum_chunk`). Equal to jnp.sum
+    up to float rounding.
 
-
-def chunked_sum(x: jax.Array, axis: int) -> jax.Array:
-    """`jnp.sum(x, axis)`, computed as partial sums over chunks of at most SUM_CHUNK elements that
-    are then added one by one, so a product summed this way stays one fused kernel on CPU. Equal
-    to jnp.sum up to float rounding.
-
-    Over the minor (last) axis the chunks are slices of SUM_CHUNK (the last one shorter); over
+    Over the minor (last) axis the chunks are slices of `chunk` (the last one shorter); over
     another axis, a reshape into chunks of the largest divisor of its length that fits (a length
     with no such divisor, or more than 8 chunks, is summed whole). Each axis gets the form that
     ran the decode step's attention faster on CPU (`python -m jaxdec.bench decode --batches 8`).
     """
     axis = axis % x.ndim
     n = x.shape[axis]
-    if n <= SUM_CHUNK:
+    if n <= chunk:
         return jnp.sum(x, axis=axis)
     if axis == x.ndim - 1:
-        return functools.reduce(jnp.add, [jnp.sum(x[..., i:i + SUM_CHUNK], axis=axis)
-                                          for i in range(0, n, SUM_CHUNK)])
-    size = max(d for d in range(1, SUM_CHUNK + 1) if n % d == 0)
+        return functools.reduce(jnp.add, [jnp.sum(x[..., i:i + chunk], axis=axis)
+                                          for i in range(0, n, chunk)])
+    size = max(d for d in range(1, chunk + 1) if n % d == 0)
     if n // size > 8:  # too many chunks to add one by one
         return jnp.sum(x, axis=axis)
     parts = jnp.sum(x.reshape(x.shape[:axis] + (n // size, size) + x.shape[axis + 1:]), axis=axis + 1)
@@ -241,6 +237,7 @@ def attend_cache(
     window: jax.Array | int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sum_chunk: int = 0,
 ) -> jax.Array:
     """Attention of T new queries over the filled part of a KV cache only.
 
@@ -264,6 +261,9 @@ def attend_cache(
         > end + t - window, and blocks wholly before the first query's window are not read, so
         a sliding layer's step costs its window, not the filled length. None: no window.
       scale, softcap: as `attend`.
+      sum_chunk: with one query per row (a decode step) and sum_chunk > 0, the scores and values
+        are products summed in chunks of at most sum_chunk (`chunked_sum`), which read each block
+        where it lies in the cache; 0: einsum dots (`tuning.Tuning.sum_chunk`).
 
     Returns:
       [B, T, N, H] in q's dtype. Slots beyond end + T - 1 are never read into the output.
@@ -303,13 +303,13 @@ def attend_cache(
                    & (slots[None, None, :] <= query_slots[None, :, None]))  # [B, T, S]
         if window is not None:
             allowed = allowed & (slots[None, None, :] > query_slots[None, :, None] - window)
-        if T == 1:
+        if T == 1 and sum_chunk:
             # A decode step: one query per row. Products summed in place read the block where it
             # lies in the cache; on CPU a dot cannot read a dynamic slice, so it copies it first.
             # One sum over H = 64 became a windowed reduction of the stored product, unfused
             # with it: both sum in chunks (`chunked_sum`).
             prod = qg[:, 0, :, :, None, :].astype(jnp.float32) * k_b[:, :, None].astype(jnp.float32)
-            scores = chunked_sum(prod, axis=-1)[:, :, :, None, :]  # [B, K, G, 1, S]
+            scores = chunked_sum(prod, axis=-1, chunk=sum_chunk)[:, :, :, None, :]  # [B, K, G, 1, S]
         else:
             scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k_b).astype(jnp.float32)
         scores = jnp.where(allowed[:, None, None], _softcap(scores, softcap), -jnp.inf)
@@ -318,9 +318,9 @@ def attend_cache(
         probs = jnp.exp(scores - shift[..., None])  # 0 at masked slots
         rescale = jnp.exp(row_max - shift)  # 0 while nothing was seen
         row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
-        if T == 1:
+        if T == 1 and sum_chunk:
             prod = probs[:, :, :, 0, :, None] * v_b[:, :, None].astype(jnp.float32)  # [B, K, G, S, H]
-            values = chunked_sum(prod, axis=-2)[:, :, :, None, :]  # [B, K, G, 1, H]
+            values = chunked_sum(prod, axis=-2, chunk=sum_chunk)[:, :, :, None, :]  # [B, K, G, 1, H]
         else:
             values = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v_b)
         acc = acc * rescale[..., None] + values

@@ -29,6 +29,7 @@ from jaxdec.decode import (
     prepare_inputs,
 )
 from jaxdec.sampling import Greedy, Sampler
+from jaxdec.tuning import Tuning
 
 NEG_INF = -1.0e9  # finite "impossible" score: keeps arithmetic NaN-free
 
@@ -118,14 +119,14 @@ def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, 
 
 def _beam_search_program(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id,
                          *, beam_size, max_new_tokens, capacity, length_penalty, early_stopping, sampler,
-                         mesh=None):
+                         mesh=None, tuning: Tuning):
     B, W, new = prompts.shape[0], beam_size, max_new_tokens
     fam = family.of(config)
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
         mesh, params, (prompts, lengths, source, source_lengths))
-    params = loop_weights(params, config, B * W, mesh)  # before the prefill: it reads the same layout
+    params = loop_weights(params, config, B * W, mesh, tuning)  # before the prefill: it reads the same layout
     logits, cache, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
-                                           source_lengths, use_cache=True)
+                                           source_lengths, True, tuning)
     step = sharding.sharded_step(step, mesh)
     state = BeamState(
         cache=sharding.constrain_caches(fam.repeat_rows(cache, W), mesh),
@@ -153,7 +154,7 @@ def _beam_search_program(params, config, prompts, lengths, source, source_length
 
     def body(carry):
         t, state, rows, last_tokens = carry
-        cache = fam.select_rows(state.cache, rows)
+        cache = fam.select_rows(state.cache, rows, tuning=tuning)
         logits, cache = step(params, config, cache, last_tokens, positions + t - 1)
         bad = ~jnp.all(jnp.isfinite(logits.reshape(B, -1)), axis=-1) & ~state.done
         log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(B, W, -1)

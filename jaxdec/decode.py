@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import cache as kv_cache
-from jaxdec import api, checks, family, sharding
+from jaxdec import api, checks, family, sampling, sharding, tuning
 from jaxdec.config import DecoderConfig, Seq2SeqConfig
 from jaxdec.sampling import Greedy, Sampler
+from jaxdec.tuning import Tuning
 
 
 @flax.struct.dataclass
@@ -73,20 +74,23 @@ class GenerateResult:
 class DecodeParams:
     """A model's params laid out once for many `generate` / `beam_search` calls (`decode_params`).
 
-    weights: the family's loop layout (`Family.loop_params`); for the decoder-only LM and the
-      encoder-decoder's decoder: per-layer weights (up to `model.SPLIT_LAYERS_MAX` layers) and a
-      tied head's [D, V] copy. config: the config they were checked against (static).
+    weights: the family's loop layout (`Family.loop_params`) for the platform's tuning; for the
+      decoder-only LM and the encoder-decoder's decoder on CPU: per-layer weights (up to
+      `Tuning.split_layers_max` layers) and a tied head's [D, V] copy. config: the config they
+      were checked against (static). tuning: the tuning they were laid out for (static).
     """
 
     weights: Any
     config: Any = flax.struct.field(pytree_node=False)
+    tuning: Tuning = flax.struct.field(pytree_node=False, default=tuning.PLAIN)
 
 
 # Rows the layout of `decode_params` is made for: any batch above 1 reads the same layout, and
 # batch 1 simply ignores the tied head's copy.
 _LAYOUT_ROWS = 2
-_layout = jax.jit(lambda params, config: family.of(config).loop_params(params, config, _LAYOUT_ROWS),
-                  static_argnames="config")
+_layout = jax.jit(lambda params, config, tuning: family.of(config).loop_params(params, config, _LAYOUT_ROWS,
+                                                                               tuning=tuning),
+                  static_argnames=("config", "tuning"))
 
 
 def decode_params(params, config: DecoderConfig | Seq2SeqConfig) -> DecodeParams:
@@ -101,7 +105,8 @@ def decode_params(params, config: DecoderConfig | Seq2SeqConfig) -> DecodeParams
     """
     api.check_config(config)
     api.check_params(params, config)
-    return DecodeParams(weights=_layout(params, config), config=config)
+    tuned = tuning.for_platform(_platform(params, None))
+    return DecodeParams(weights=_layout(params, config, tuned), config=config, tuning=tuned)
 
 
 def check_layout(params, config, mesh, use_cache: bool = True) -> None:
@@ -117,14 +122,15 @@ def check_layout(params, config, mesh, use_cache: bool = True) -> None:
         raise ValueError("DecodeParams are for cached decoding: pass the model's params with use_cache=False")
 
 
-def loop_weights(params, config, batch: int, mesh=None):
+def loop_weights(params, config, batch: int, mesh=None, tuning: Tuning = tuning.PLAIN):
     """The weights a loop of cached steps over `batch` rows reads (inside a decode program):
-    the family's loop layout, except on a mesh (the stacked params keep their sharding)."""
+    the family's loop layout for the tuning, except on a mesh (the stacked params keep their
+    sharding)."""
     if isinstance(params, DecodeParams):
         params = params.weights
     elif mesh is not None:
         return params
-    return family.of(config).loop_params(params, config, batch)
+    return family.of(config).loop_params(params, config, batch, tuning=tuning)
 
 
 def _nonfinite_rows(logits: jax.Array) -> jax.Array:
@@ -210,27 +216,19 @@ def decode_loop(
                           nonfinite=final.nonfinite)
 
 
-def prefill_and_step(params, config, tokens, lengths, capacity, source, source_lengths, use_cache: bool):
+def prefill_and_step(params, config, tokens, lengths, capacity, source, source_lengths, use_cache: bool,
+                     tuning: Tuning = tuning.PLAIN):
     """The model family's prefill, run now, and its step function for the loop (cached, or the
-    uncached baseline)."""
+    uncached baseline), both under `tuning`."""
     fam = family.of(config)
     prefill, step = (fam.prefill, fam.step) if use_cache else (fam.prefill_uncached, fam.recompute_step)
-    logits, state = prefill(params, config, tokens, lengths, capacity, source, source_lengths)
-    return logits, state, step
-
-
-# XLA's CPU compiler hands matmuls to YNNPACK by default. A cached step multiplies only B rows
-# (the batch: 1 to a few dozen) by each weight, and there XLA's own (Eigen) dots were faster on
-# the CPUs measured (`python -m jaxdec.bench decode`; `bench gpt2` checks GPT-2 small, whose tied
-# head reads a [D, V] copy, `model.step_params`). A compiler option of the decode programs only,
-# not a process-global XLA flag: the user's other programs keep XLA's defaults. {} compiles with
-# the defaults.
-CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    logits, state = prefill(params, config, tokens, lengths, capacity, source, source_lengths, tuning=tuning)
+    return logits, state, functools.partial(step, tuning=tuning)
 
 
 @functools.cache
-def _cpu_options_accepted(options: tuple) -> bool:
-    """Whether this jaxlib knows the options (an unknown one fails compilation)."""
+def _options_accepted(options: tuple) -> bool:
+    """Whether this jaxlib knows the compiler options (an unknown one fails compilation)."""
     try:
         jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
     except Exception:  # noqa: BLE001 - any refusal means: compile with XLA's defaults
@@ -239,52 +237,58 @@ def _cpu_options_accepted(options: tuple) -> bool:
 
 
 def _platform(params, mesh) -> str | None:
-    """The platform the decode program will run on; None inside the caller's jit, where compiler
-    options cannot apply (only a top-level jit takes them)."""
-    leaf = jax.tree.leaves(params)[0]
-    if isinstance(leaf, jax.core.Tracer):
-        return None
-    if mesh is not None:
-        return mesh.devices.flat[0].platform
-    if isinstance(leaf, jax.Array):
-        return next(iter(leaf.devices())).platform
-    return jax.default_backend()  # numpy params
+    """The platform the decode program will run on (`tuning.platform_of`); None inside the
+    caller's jit, where compiler options cannot apply (only a top-level jit takes them)."""
+    return tuning.platform_of(params.weights if isinstance(params, DecodeParams) else params, mesh)
 
 
 class DecodeProgram:
-    """A decode function, jit-compiled for the platform its params (or mesh) are on: with
-    CPU_DECODE_OPTIONS on CPU (where this jaxlib accepts them), with XLA's defaults elsewhere."""
+    """A decode function `fn(..., tuning=)`, jit-compiled once per tuning: the tuning of the
+    platform its params (or mesh) are on (`tuning.for_platform`; DecodeParams carry their own),
+    bound into the program, with that tuning's compiler options where this jaxlib accepts them
+    (and the program is not traced inside the caller's jit)."""
 
     def __init__(self, fn: Callable, static_argnames: tuple[str, ...]):
         self._fn, self._static_argnames = fn, static_argnames
-        self._programs = {}  # compiler options (sorted items) -> jitted fn
+        self._programs = {}  # (tuning, compiler options) -> jitted fn
+
+    def for_tuning(self, tuned: Tuning, traced: bool = False):
+        """The jitted program of one tuning (its compiler options unless traced)."""
+        options = tuned.decode_compiler_options
+        if traced or not (options and _options_accepted(options)):
+            options = ()
+        if (tuned, options) not in self._programs:
+            self._programs[tuned, options] = jax.jit(functools.partial(self._fn, tuning=tuned),
+                                                     static_argnames=self._static_argnames,
+                                                     compiler_options=dict(options) or None)
+        return self._programs[tuned, options]
 
     def for_inputs(self, params, mesh=None):
-        options = tuple(sorted(CPU_DECODE_OPTIONS.items()))
-        if not (options and _platform(params, mesh) == "cpu" and _cpu_options_accepted(options)):
-            options = ()
-        if options not in self._programs:
-            self._programs[options] = jax.jit(self._fn, static_argnames=self._static_argnames,
-                                              compiler_options=dict(options) or None)
-        return self._programs[options]
+        """The jitted program for these params (or this mesh)."""
+        platform = _platform(params, mesh)
+        tuned = params.tuning if isinstance(params, DecodeParams) else tuning.for_platform(platform)
+        return self.for_tuning(tuned, traced=platform is None)
 
     def __call__(self, params, *args, mesh=None, **kwargs):
         return self.for_inputs(params, mesh)(params, *args, mesh=mesh, **kwargs)
 
 
 def _generate_program(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id, *,
-                      sampler, max_new_tokens, capacity, use_cache, return_logits, mesh=None):
+                      sampler, max_new_tokens, capacity, use_cache, return_logits, mesh=None,
+                      tuning: Tuning):
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
         mesh, params, (prompts, lengths, source, source_lengths))
     if use_cache:  # before the prefill, so that it reads the same layout
-        params = loop_weights(params, config, prompts.shape[0], mesh)
+        params = loop_weights(params, config, prompts.shape[0], mesh, tuning)
+    elif isinstance(params, DecodeParams):
+        params = params.weights
     logits, state, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
-                                           source_lengths, use_cache)
+                                           source_lengths, use_cache, tuning)
     step = sharding.sharded_step(step, mesh)
     return decode_loop(
         lambda p, c, t, pos: step(p, config, c, t, pos),
-        params, sharding.constrain_caches(state, mesh), logits, lengths, sampler=sampler, key=key, max_new_tokens=max_new_tokens,
-        eos_id=eos_id, pad_id=pad_id, return_logits=return_logits,
+        params, sharding.constrain_caches(state, mesh), logits, lengths, sampler=sampling.tuned(sampler, tuning),
+        key=key, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, return_logits=return_logits,
     )
 
 

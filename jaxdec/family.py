@@ -21,7 +21,9 @@ The functions, with B batch, T / P token and prompt lengths, S cache capacity, V
 - loop_params(params, config, batch) -> params laid out for a loop of cached steps over `batch`
   rows (default: unchanged), run once before the prefill; prefill and `step` must accept both
   layouts, and laying out params laid out already must give them back.
-Arguments a family does not use (e.g. source for the decoder-only LM) are None.
+Arguments a family does not use (e.g. source for the decoder-only LM) are None. Every function
+but init and repeat_rows also takes `tuning=` (a `jaxdec.tuning.Tuning`, static): the platform's
+speed choices, which change how, never what, it computes.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Family:
     recompute_step: Callable[..., Any]
     select_rows: Callable[..., Any]
     repeat_rows: Callable[..., Any]
-    loop_params: Callable[..., Any] = lambda params, config, batch: params
+    loop_params: Callable[..., Any] = lambda params, config, batch, tuning=None: params
 
 
 _FAMILIES: dict[type, Family] = {}

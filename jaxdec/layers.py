@@ -225,11 +225,41 @@ def mlp(p: dict, x: jax.Array, act: str) -> jax.Array:
     return dense(h, p["w_out"], p.get("b_out"))
 
 
+def _per_row(key: jax.Array) -> bool:
+    """Whether `key` holds per-row keys [B] (typed keys [B], or raw uint32 keys [B, 2])."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim == (1 if typed else 2)
+
+
+def fold_key(key: jax.Array, data: int) -> jax.Array:
+    """`jax.random.fold_in` of one key, or of each of per-row keys [B]."""
+    if not _per_row(key):
+        return jax.random.fold_in(key, data)
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(key)
+
+
+def split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two independent keys from one key, or from each of per-row keys [B] (two [B] arrays)."""
+    if not _per_row(key):
+        a, b = jax.random.split(key)
+        return a, b
+    pairs = jax.vmap(jax.random.split)(key)  # [B, 2]
+    return pairs[:, 0], pairs[:, 1]
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; identity when rate is 0 or key is None (evaluation)."""
+    """Inverted dropout; identity when rate is 0 or key is None (evaluation).
+
+    key: one key for the whole x, or per-row keys [B] for x [B, ...], each row's mask drawn
+    from its own key, so a row's mask does not depend on which other rows share the batch (a
+    train step's row groups, `tuning.Tuning.row_groups`, draw the same masks as one group).
+    """
     if rate == 0.0 or key is None:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    if not _per_row(key):
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    else:
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(key)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 

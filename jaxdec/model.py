@@ -28,30 +28,7 @@ from jaxdec.attention import (attend, attend_cache, attend_causal, causal_mask, 
                               key_range_mask)
 from jaxdec.cache import CrossKV, KVCache
 from jaxdec.config import DecoderConfig
-
-# Key slots per attention block of a cached step: a cache of at most BLOCK_SIZE slots is read in
-# one pass, a longer one block by block up to the newest key: 128-slot blocks keep a step's cost
-# that of its filled slots, whatever the capacity (`python -m jaxdec.bench scaling`, capacity
-# sweep). Query rows per prefill chunk: the prompt buffer is as wide as capacity -
-# max_new_tokens, so a short prompt in a long buffer still runs one whole chunk; 64 rows keep
-# that waste small and the matmuls efficient.
-BLOCK_SIZE = 128
-CHUNK_SIZE = 64
-# Blocks traced per layer-scan iteration of a full-sequence pass (training, prefix recompute,
-# encoder): 4 runs a shallow model as fast as unrolled layers and keeps compile time flat in
-# depth (`python -m jaxdec.bench train`; compile time: `bench scaling`, depth sweep). The cached
-# step scans one block at a time: unrolling it was slower (`bench decode`).
-LAYER_UNROLL = 4
-# Depth up to which a decode loop reads per-layer weights (`step_params`): each step's matmuls
-# read split weights in place (`python -m jaxdec.bench gpt2`), but the step then compiles per
-# layer, so deeper models keep the scan over stacked weights (`bench scaling`, depth sweep).
-SPLIT_LAYERS_MAX = 16
-# Query blocks of a training pass's causal self-attention (`attention.attend_causal`): the
-# sequence's queries run in at most this many blocks of at least CAUSAL_MIN_ROWS rows, each
-# reading keys up to its own last row only: 2 blocks skip a quarter of the scores; 4 were no
-# faster and compile longer (`python -m jaxdec.bench train`).
-CAUSAL_BLOCKS = 2
-CAUSAL_MIN_ROWS = 64
+from jaxdec.tuning import PLAIN, Tuning
 
 # --- parameters -------------------------------------------------------------------------------
 
@@ -260,7 +237,7 @@ def _dropper(rate: float, rng: jax.Array | None):
     """A function drop(y, site) applying dropout with a per-site key folded from rng."""
     if rate == 0.0 or rng is None:
         return lambda y, site: y
-    return lambda y, site: layers.dropout(y, rate, jax.random.fold_in(rng, site))
+    return lambda y, site: layers.dropout(y, rate, layers.fold_key(rng, site))
 
 
 def cross_sublayer(p: dict, config, x: jax.Array, cross_k: jax.Array, cross_v: jax.Array,
@@ -291,27 +268,28 @@ def scan_blocks(body, carry, stacked: dict, extra_xs=None, unroll: int = 1):
                         unroll=min(L, unroll))
 
 
-def causal_query_block(T: int) -> int:
+def causal_query_block(T: int, tuning: Tuning = PLAIN) -> int:
     """Query rows per block of a causal self-attention over T positions (`attend_causal`)."""
-    return max(CAUSAL_MIN_ROWS, -(-T // CAUSAL_BLOCKS))
+    return max(tuning.causal_min_rows, -(-T // tuning.causal_blocks))
 
 
 def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=None, cross=None,
-               return_attention: bool = False, causal: bool = False):
+               return_attention: bool = False, causal: bool = False, tuning: Tuning = PLAIN):
     """All blocks over a full sequence: x [B,T,D] -> x [B,T,D], attention.
 
     mask: bool broadcastable to [B, T, T]. causal: the mask hides every later key (decoder
     self-attention), so the attention skips the masked upper triangle (`attend_causal`). cross:
     CrossKV for encoder-decoder blocks, which run cross-attention between self-attention and the
     MLP. With return_attention, attention is {"self": float32 [L, B, N, T, T], "cross": float32
-    [L, B, N, T, S] or None} (from one pass over the whole square); else None.
+    [L, B, N, T, S] or None} (from one pass over the whole square); else None. tuning: the
+    causal query blocks and the layer unroll.
     """
     drop = _dropper(dropout_rate, rng)
     cross_mask = None if cross is None else cross.mask()
     T = x.shape[1]
     options = attention_options(config)
     if causal and not return_attention:
-        self_attend = functools.partial(attend_causal, query_block=causal_query_block(T), **options)
+        self_attend = functools.partial(attend_causal, query_block=causal_query_block(T, tuning), **options)
     else:
         self_attend = functools.partial(attend, return_probs=return_attention, **options)
     consts = layer_constants(config)
@@ -332,14 +310,14 @@ def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=N
         x = mlp_sublayer(p, config, x, lambda y: drop(y, 3 * i + 3))
         return x, ({"self": self_probs, "cross": cross_probs} if return_attention else None)
 
-    return scan_blocks(block, x, params["layers"], _cross_xs(cross), unroll=LAYER_UNROLL)
+    return scan_blocks(block, x, params["layers"], _cross_xs(cross), unroll=tuning.layer_unroll)
 
 
 # --- forward (teacher forcing) ----------------------------------------------------------------
 
 
 def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None, cross=None,
-                   return_attention: bool = False):
+                   return_attention: bool = False, tuning: Tuning = PLAIN):
     """Traceable forward pass without host checks: tokens [B,T], lengths [B] -> logits [B,T,V].
 
     cross: the encoder's cross-attention K/V, for the encoder-decoder's decoder. With
@@ -352,7 +330,7 @@ def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None, 
     x = _dropper(dropout_rate, rng)(x, 0)
     mask = decoder_self_mask(lengths, T)
     x, attention = run_layers(params, config, x, positions, mask, dropout_rate, rng, cross=cross,
-                              return_attention=return_attention, causal=True)
+                              return_attention=return_attention, causal=True, tuning=tuning)
     logits = output_logits(params, config, x)
     return (logits, attention) if return_attention else logits
 
@@ -382,7 +360,8 @@ def right_align(prompts: jax.Array, lengths: jax.Array, width: jax.Array | int):
     return jnp.where(real, gathered, 0).astype(jnp.int32), starts
 
 
-def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cross=None):
+def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cross=None,
+                   tuning: Tuning = PLAIN):
     """The layers of `extend`: tokens int32 [B, C] -> final hidden states [B, C, D], new cache."""
     C = tokens.shape[1]
     positions = (cache.end + jnp.arange(C, dtype=jnp.int32)[None, :] - cache.starts[:, None]).astype(jnp.int32)
@@ -398,8 +377,8 @@ def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cros
         h = sublayer_in(p, "attn", config, x)
         q, k, v = self_qkv(p["attn"], config, h, positions, c)
         k_all, v_all = kv_cache.write_layer(k_all, v_all, i, cache.end, k, v)
-        o = attend_cache(q, k_all, v_all, cache.starts, cache.end, layer=i, block_size=BLOCK_SIZE,
-                         window=c.window, **options)
+        o = attend_cache(q, k_all, v_all, cache.starts, cache.end, layer=i, block_size=tuning.cache_block,
+                         window=c.window, sum_chunk=tuning.sum_chunk, **options)
         x = sublayer_out(p, "attn", config, x, layers.project_out(p["attn"], o))
         if cross_kv is not None:
             x, _ = cross_sublayer(p, config, x, *cross_kv, cross_mask)
@@ -417,11 +396,12 @@ def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cros
     return x, kv_cache.advance(cache.replace(k=k_all, v=v_all), C)
 
 
-def step_params(params: dict, config, batch: int) -> dict:
+def step_params(params: dict, config, batch: int, tuning: Tuning = PLAIN) -> dict:
     """params laid out for a loop of cached steps over `batch` rows: "layers" as a list of L
-    per-layer dicts when L <= SPLIT_LAYERS_MAX (deeper models scan the stacked layers), and, for
-    a tied head with batch > 1, "embed_t": the embedding's [D, V] transposed copy. Params laid
-    out already are taken as they are (and lose "embed_t" for batch 1).
+    per-layer dicts when L <= tuning.split_layers_max (deeper models scan the stacked layers),
+    and, with tuning.tied_head_copy, for a tied head with batch > 1, "embed_t": the embedding's
+    [D, V] transposed copy. Params laid out already are taken as they are (and lose "embed_t"
+    for batch 1). The plain tuning leaves params unchanged.
 
     Inside a loop, reading layer i of a stacked [L, ...] weight copies it first on CPU (a
     dynamic slice is its own kernel; the matmul does not read through it), so every step read
@@ -436,9 +416,9 @@ def step_params(params: dict, config, batch: int) -> dict:
     """
     out = dict(params)
     stacked = not isinstance(params["layers"], list)
-    if stacked and jax.tree.leaves(params["layers"])[0].shape[0] <= SPLIT_LAYERS_MAX:
+    if stacked and jax.tree.leaves(params["layers"])[0].shape[0] <= tuning.split_layers_max:
         out["layers"] = unstack_blocks(params["layers"])
-    if config.tie_embeddings and batch > 1:
+    if config.tie_embeddings and batch > 1 and tuning.tied_head_copy:
         if "embed_t" not in params:  # params laid out already (`decode.decode_params`) keep theirs
             out["embed_t"] = params["embed"].T  # [D, V]; loop-invariant, so computed once before the loop
     else:
@@ -447,7 +427,7 @@ def step_params(params: dict, config, batch: int) -> dict:
 
 
 def extend(params: dict, config: DecoderConfig, cache: KVCache, tokens: jax.Array,
-           cross: CrossKV | None = None):
+           cross: CrossKV | None = None, tuning: Tuning = PLAIN):
     """Forwards a chunk of C new tokens per row against the cache: the primitive under prefill,
     the decode step and (later) speculative verification.
 
@@ -464,12 +444,12 @@ def extend(params: dict, config: DecoderConfig, cache: KVCache, tokens: jax.Arra
     Returns:
       logits float32 [B, C, V] and the cache with end advanced by C.
     """
-    x, cache = _extend_hidden(params, config, cache, tokens, cross)
+    x, cache = _extend_hidden(params, config, cache, tokens, cross, tuning)
     return output_logits(params, config, x), cache
 
 
 def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, lengths: jax.Array, capacity: int,
-            cross: CrossKV | None = None, chunk_size: int = CHUNK_SIZE):
+            cross: CrossKV | None = None, tuning: Tuning = PLAIN):
     """Writes right-padded prompts into a new cache, in chunks of `chunk_size` tokens.
 
     The prompts are right-aligned against the longest one (P' = max(lengths)), and only the
@@ -482,14 +462,14 @@ def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, lengths: jax
       lengths: int32 [B], 1 <= lengths[b] <= P.
       capacity: S >= P, cache slots.
       cross: the encoder's cross-attention K/V (encoder-decoder only).
-      chunk_size: query rows per chunk (static).
+      tuning: the query rows per chunk (tuning.prefill_chunk) and the attention's blocks.
 
     Returns:
       logits float32 [B, V] after each prompt's last token, and the KVCache (starts[b] =
       P' - lengths[b], end = P').
     """
     B, P = tokens.shape
-    C = min(chunk_size, P)
+    C = min(tuning.prefill_chunk, P)
     width = jnp.max(lengths).astype(jnp.int32)
     aligned, starts = right_align(tokens, lengths, width)
     dtype = jnp.result_type(params["embed"])
@@ -502,7 +482,7 @@ def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, lengths: jax
         # overlap with the previous chunk recomputes (and rewrites) the same keys and values.
         s0 = jnp.minimum(c * C, P - C).astype(jnp.int32)  # the cache's end is int32 (also under x64)
         x, cache = _extend_hidden(params, config, cache.replace(end=s0),
-                                  jax.lax.dynamic_slice_in_dim(aligned, s0, C, axis=1), cross)
+                                  jax.lax.dynamic_slice_in_dim(aligned, s0, C, axis=1), cross, tuning)
         at = width - 1 - s0  # where the prompts' last token sits in this chunk, if it does
         row = jax.lax.dynamic_index_in_dim(x, jnp.clip(at, 0, C - 1), axis=1, keepdims=False)
         return cache, jnp.where((at >= 0) & (at < C), row, last)
@@ -514,7 +494,7 @@ def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, lengths: jax
 
 
 def decode_step(params: dict, config: DecoderConfig, cache: KVCache, tokens: jax.Array,
-                positions: jax.Array, cross: CrossKV | None = None):
+                positions: jax.Array, cross: CrossKV | None = None, tuning: Tuning = PLAIN):
     """One cached step: tokens int32 [B] -> logits float32 [B, V], updated cache.
 
     Computes only the new query row; its K/V go to slot cache.end, then it attends to the
@@ -523,7 +503,7 @@ def decode_step(params: dict, config: DecoderConfig, cache: KVCache, tokens: jax
     step-function interface.
     """
     del positions
-    logits, cache = extend(params, config, cache, tokens[:, None], cross)
+    logits, cache = extend(params, config, cache, tokens[:, None], cross, tuning)
     return logits[:, 0], cache
 
 
@@ -542,17 +522,18 @@ class TokenBuffer:
     end: jax.Array
 
 
-def _full_logits_at(params, config, buf: TokenBuffer, slot, cross=None) -> jax.Array:
+def _full_logits_at(params, config, buf: TokenBuffer, slot, cross=None, tuning: Tuning = PLAIN) -> jax.Array:
     """Recomputes the whole buffer [B, S] and returns the logits at `slot`: [B, V]."""
     S = buf.tokens.shape[1]
     positions = aligned_positions(buf.starts, S)
     x = embed_inputs(params, config, buf.tokens, positions)
-    x, _ = run_layers(params, config, x, positions, aligned_self_mask(buf.starts, S), cross=cross)
+    x, _ = run_layers(params, config, x, positions, aligned_self_mask(buf.starts, S), cross=cross, tuning=tuning)
     x = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)
     return output_logits(params, config, x)[:, 0]
 
 
-def prefill_uncached(params, config, tokens: jax.Array, lengths: jax.Array, capacity: int, cross=None):
+def prefill_uncached(params, config, tokens: jax.Array, lengths: jax.Array, capacity: int, cross=None,
+                     tuning: Tuning = PLAIN):
     """Like `prefill`, but the state is the token buffer and logits come from a full recompute."""
     B, P = tokens.shape
     width = jnp.max(lengths).astype(jnp.int32)
@@ -562,43 +543,44 @@ def prefill_uncached(params, config, tokens: jax.Array, lengths: jax.Array, capa
         starts=starts,
         end=width,
     )
-    return _full_logits_at(params, config, buf, width - 1, cross), buf
+    return _full_logits_at(params, config, buf, width - 1, cross, tuning), buf
 
 
-def recompute_step(params, config, buf: TokenBuffer, tokens: jax.Array, positions: jax.Array, cross=None):
+def recompute_step(params, config, buf: TokenBuffer, tokens: jax.Array, positions: jax.Array, cross=None,
+                   tuning: Tuning = PLAIN):
     """The waste the cache removes: append tokens [B] and rerun every position of the buffer."""
     del positions  # implied by the buffer's layout
     new = jax.lax.dynamic_update_slice(buf.tokens, tokens[:, None].astype(jnp.int32),
                                        kv_cache.slice_start(0, buf.end))
     buf = buf.replace(tokens=new)
-    return _full_logits_at(params, config, buf, buf.end, cross), buf.replace(end=buf.end + 1)
+    return _full_logits_at(params, config, buf, buf.end, cross, tuning), buf.replace(end=buf.end + 1)
 
 
 # --- the decoder-only family ------------------------------------------------------------------
 
 
 def _forward(params, config: DecoderConfig, tokens, lengths, source=None, source_lengths=None,
-             dropout_rate: float = 0.0, rng=None, return_attention: bool = False):
+             dropout_rate: float = 0.0, rng=None, return_attention: bool = False, tuning: Tuning = PLAIN):
     del source, source_lengths  # a decoder-only model has no encoder
     return decoder_logits(params, config, tokens, lengths, dropout_rate, rng,
-                          return_attention=return_attention)
+                          return_attention=return_attention, tuning=tuning)
 
 
 def _prefill(params, config: DecoderConfig, tokens, lengths, capacity: int, source=None,
-             source_lengths=None):
+             source_lengths=None, tuning: Tuning = PLAIN):
     del source, source_lengths
-    return prefill(params, config, tokens, lengths, capacity)
+    return prefill(params, config, tokens, lengths, capacity, tuning=tuning)
 
 
 def _prefill_uncached(params, config: DecoderConfig, tokens, lengths, capacity: int, source=None,
-                      source_lengths=None):
+                      source_lengths=None, tuning: Tuning = PLAIN):
     del source, source_lengths
-    return prefill_uncached(params, config, tokens, lengths, capacity)
+    return prefill_uncached(params, config, tokens, lengths, capacity, tuning=tuning)
 
 
-def select_cache_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+def select_cache_rows(cache: KVCache, rows: jax.Array, tuning: Tuning = PLAIN) -> KVCache:
     """The cache's batch rows reordered by rows int32 [R], filled blocks only."""
-    return kv_cache.select_rows(cache, rows, BLOCK_SIZE)
+    return kv_cache.select_rows(cache, rows, tuning.cache_block)
 
 
 def repeat_cache_rows(cache: KVCache, n: int) -> KVCache:

@@ -41,15 +41,23 @@ def draw_in_turn(sampler, logits: jax.Array, key: jax.Array, n: int) -> jax.Arra
     return ids.T
 
 
-def argmax(logits: jax.Array) -> jax.Array:
+def argmax(logits: jax.Array, form: str = "jnp") -> jax.Array:
     """`jnp.argmax` over the last axis, int32: the first index of the row's max, or of its first
-    NaN if it has one (the max is then NaN). Computed as two plain reductions (the max, then the
-    lowest index holding it): XLA's CPU backend runs argmax's (value, index) reduction slower
-    than the two (`python -m jaxdec.bench gpt2`: a decode step over GPT-2's 50257 logits)."""
+    NaN if it has one (the max is then NaN). form "two_reductions" computes it as the max, then
+    the lowest index holding it: the same ids, in two plain reductions, which XLA's CPU backend
+    runs faster than argmax's (value, index) reduction (`tuning.Tuning.argmax`)."""
+    if form == "jnp":
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     V = logits.shape[-1]
     best = jnp.max(logits, axis=-1, keepdims=True)
     hit = (logits == best) | jnp.isnan(logits)
     return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1).astype(jnp.int32)
+
+
+def tuned(sampler, tuning):
+    """The sampler a program on `tuning`'s platform runs: `sampler.tuned(tuning)` where the sampler
+    has that method (the same distribution, in the platform's form), else the sampler itself."""
+    return sampler.tuned(tuning) if hasattr(sampler, "tuned") else sampler
 
 
 class Sampler:
@@ -73,13 +81,22 @@ def _check_temperature(temperature: float) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Greedy(Sampler):
-    """Argmax; ignores the key (the lowest id wins a tie)."""
+    """Argmax; ignores the key (the lowest id wins a tie). argmax_form: how the argmax is
+    computed (`argmax`), set by the decode programs from the platform's tuning."""
 
+    argmax_form: str = "jnp"
     stochastic: ClassVar[bool] = False
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         del key
-        return argmax(logits)
+        return argmax(logits, self.argmax_form)
+
+    def __post_init__(self):
+        if self.argmax_form not in ("jnp", "two_reductions"):
+            raise ValueError(f"argmax_form must be 'jnp' or 'two_reductions', got {self.argmax_form!r}")
+
+    def tuned(self, tuning) -> "Greedy":
+        return dataclasses.replace(self, argmax_form=tuning.argmax)
 
     def draw(self, logits: jax.Array, key: jax.Array, n: int) -> jax.Array:
         """The n highest logits, best first (what n argmaxes in turn would give), in one top_k."""

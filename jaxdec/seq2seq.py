@@ -23,6 +23,7 @@ from jaxdec import family, layers, model
 from jaxdec.attention import padding_mask
 from jaxdec.cache import CrossKV, KVCache
 from jaxdec.config import Seq2SeqConfig
+from jaxdec.tuning import PLAIN, Tuning
 
 
 def _init_stack(key: jax.Array, config: Seq2SeqConfig, num_layers: int, cross: bool) -> dict:
@@ -67,7 +68,8 @@ def decoder_view(params: dict) -> dict:
 
 
 def encode(params: dict, config: Seq2SeqConfig, source: jax.Array, source_lengths: jax.Array,
-           dropout_rate: float = 0.0, rng: jax.Array | None = None, return_attention: bool = False):
+           dropout_rate: float = 0.0, rng: jax.Array | None = None, return_attention: bool = False,
+           tuning: Tuning = PLAIN):
     """The encoder: source int32 [B, S], source_lengths int32 [B] -> encoded [B, S, D].
 
     Padding keys are masked in every layer, so outputs at real positions do not depend on what
@@ -78,10 +80,10 @@ def encode(params: dict, config: Seq2SeqConfig, source: jax.Array, source_length
     positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     x = model.embed_inputs(enc, config, source, positions)
     if dropout_rate > 0.0 and rng is not None:
-        x = layers.dropout(x, dropout_rate, jax.random.fold_in(rng, 0))
+        x = layers.dropout(x, dropout_rate, layers.fold_key(rng, 0))
     mask = padding_mask(source_lengths, S)[:, None, :]  # [B, 1, S]
     x, attention = model.run_layers(enc, config, x, positions, mask, dropout_rate, rng,
-                                    return_attention=return_attention)
+                                    return_attention=return_attention, tuning=tuning)
     if "final_norm" in enc:
         x = layers.layer_norm(enc["final_norm"], x, config.layer_norm_eps)
     return (x, attention["self"]) if return_attention else x
@@ -101,18 +103,18 @@ def cross_kv(params: dict, config: Seq2SeqConfig, encoded: jax.Array, source_len
 
 def seq2seq_logits(params: dict, config: Seq2SeqConfig, tokens: jax.Array, lengths: jax.Array,
                    source: jax.Array, source_lengths: jax.Array, dropout_rate: float = 0.0,
-                   rng: jax.Array | None = None, return_attention: bool = False):
+                   rng: jax.Array | None = None, return_attention: bool = False, tuning: Tuning = PLAIN):
     """Teacher forcing: decoder tokens [B, T] (e.g. [BOS] + target) -> logits float32 [B, T, V].
 
     With return_attention, returns (logits, {"self": [L,B,N,T,T], "cross": [L,B,N,T,S],
     "encoder": [Le,B,N,S,S]}), float32 probabilities of this very pass.
     """
-    enc_rng, dec_rng = (None, None) if rng is None else jax.random.split(rng)
-    encoded = encode(params, config, source, source_lengths, dropout_rate, enc_rng, return_attention)
+    enc_rng, dec_rng = (None, None) if rng is None else layers.split_key(rng)
+    encoded = encode(params, config, source, source_lengths, dropout_rate, enc_rng, return_attention, tuning)
     encoded, enc_probs = encoded if return_attention else (encoded, None)
     cross = cross_kv(params, config, encoded, source_lengths)
     out = model.decoder_logits(decoder_view(params), config, tokens, lengths, dropout_rate, dec_rng,
-                               cross=cross, return_attention=return_attention)
+                               cross=cross, return_attention=return_attention, tuning=tuning)
     if not return_attention:
         return out
     logits, attention = out
@@ -131,19 +133,22 @@ class Seq2SeqCache:
     cross: CrossKV
 
 
-def prefill(params, config: Seq2SeqConfig, tokens, lengths, capacity, source, source_lengths):
+def prefill(params, config: Seq2SeqConfig, tokens, lengths, capacity, source, source_lengths,
+            tuning: Tuning = PLAIN):
     """Encodes the source once, projects cross K/V once, and prefills the decoder prompts
     (tokens int32 [B, P] right-padded, lengths int32 [B]) in chunks."""
-    encoded = encode(params, config, source, source_lengths)
+    encoded = encode(params, config, source, source_lengths, tuning=tuning)
     cross = cross_kv(params, config, encoded, source_lengths)
-    logits, self_kv = model.prefill(decoder_view(params), config, tokens, lengths, capacity, cross=cross)
+    logits, self_kv = model.prefill(decoder_view(params), config, tokens, lengths, capacity, cross=cross,
+                                    tuning=tuning)
     return logits, Seq2SeqCache(self_kv=self_kv, cross=cross)
 
 
-def decode_step(params, config: Seq2SeqConfig, cache: Seq2SeqCache, tokens, positions):
+def decode_step(params, config: Seq2SeqConfig, cache: Seq2SeqCache, tokens, positions,
+                tuning: Tuning = PLAIN):
     """One cached decoder step against the carried cross K/V."""
     logits, self_kv = model.decode_step(decoder_view(params), config, cache.self_kv, tokens,
-                                        positions, cross=cache.cross)
+                                        positions, cross=cache.cross, tuning=tuning)
     return logits, cache.replace(self_kv=self_kv)
 
 
@@ -156,33 +161,36 @@ class Seq2SeqBuffer:
     source_lengths: jax.Array
 
 
-def _recompute_cross(params, config, state_source, source_lengths) -> CrossKV:
-    return cross_kv(params, config, encode(params, config, state_source, source_lengths), source_lengths)
+def _recompute_cross(params, config, state_source, source_lengths, tuning: Tuning = PLAIN) -> CrossKV:
+    return cross_kv(params, config, encode(params, config, state_source, source_lengths, tuning=tuning),
+                    source_lengths)
 
 
-def prefill_uncached(params, config, tokens, lengths, capacity, source, source_lengths):
-    cross = _recompute_cross(params, config, source, source_lengths)
-    logits, buf = model.prefill_uncached(decoder_view(params), config, tokens, lengths, capacity, cross)
+def prefill_uncached(params, config, tokens, lengths, capacity, source, source_lengths, tuning: Tuning = PLAIN):
+    cross = _recompute_cross(params, config, source, source_lengths, tuning)
+    logits, buf = model.prefill_uncached(decoder_view(params), config, tokens, lengths, capacity, cross,
+                                         tuning=tuning)
     return logits, Seq2SeqBuffer(buf=buf, source=source, source_lengths=source_lengths)
 
 
-def recompute_step(params, config, state: Seq2SeqBuffer, tokens, positions):
+def recompute_step(params, config, state: Seq2SeqBuffer, tokens, positions, tuning: Tuning = PLAIN):
     """Reruns the encoder, the cross projections and the whole decoder buffer every step."""
-    cross = _recompute_cross(params, config, state.source, state.source_lengths)
-    logits, buf = model.recompute_step(decoder_view(params), config, state.buf, tokens, positions, cross)
+    cross = _recompute_cross(params, config, state.source, state.source_lengths, tuning)
+    logits, buf = model.recompute_step(decoder_view(params), config, state.buf, tokens, positions, cross,
+                                       tuning=tuning)
     return logits, state.replace(buf=buf)
 
 
 # --- the encoder-decoder family ---------------------------------------------------------------
 
 
-def _loop_params(params: dict, config: Seq2SeqConfig, batch: int) -> dict:
+def _loop_params(params: dict, config: Seq2SeqConfig, batch: int, tuning: Tuning = PLAIN) -> dict:
     """The decoder's weights laid out for a loop of cached steps (`model.step_params`)."""
-    return {**params, "decoder": model.step_params(decoder_view(params), config, batch)}
+    return {**params, "decoder": model.step_params(decoder_view(params), config, batch, tuning)}
 
 
-def _select_rows(cache: Seq2SeqCache, rows: jax.Array) -> Seq2SeqCache:
-    return cache.replace(self_kv=model.select_cache_rows(cache.self_kv, rows))
+def _select_rows(cache: Seq2SeqCache, rows: jax.Array, tuning: Tuning = PLAIN) -> Seq2SeqCache:
+    return cache.replace(self_kv=model.select_cache_rows(cache.self_kv, rows, tuning))
 
 
 def _repeat_rows(cache: Seq2SeqCache, n: int) -> Seq2SeqCache:

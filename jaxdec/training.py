@@ -23,9 +23,10 @@ import optax
 from jax.experimental import checkify
 from jax.sharding import Mesh
 
-from jaxdec import checks, family, sampling, sharding
+from jaxdec import checks, family, sampling, sharding, tuning
 from jaxdec.api import apply, check_params, init_params
 from jaxdec.config import DecoderConfig, TrainConfig
+from jaxdec.tuning import Tuning
 
 
 @flax.struct.dataclass
@@ -36,9 +37,12 @@ class TrainState:
       params: model parameters, float32.
       opt_state: optax state of `make_optimizer(train_config)`.
       step: int32 [], train steps taken (micro-batches, with gradient accumulation).
-      key: PRNG key; dropout at step s uses fold_in(key, s), so a resumed run draws the same masks.
+      key: PRNG key; dropout at step s uses fold_in(key, s), and row b of the batch
+        fold_in(fold_in(key, s), b), so a resumed run draws the same masks, whatever the tuning.
       model_config, train_config: static (part of the tree structure, not leaves).
       mesh: static; the (data, fsdp, tensor) mesh the arrays are placed on, or None (one device).
+      tuning: static; the platform's speed choices (`jaxdec.tuning`), resolved when the state is
+        created (the mesh's platform, else JAX's default backend).
     """
 
     params: dict
@@ -48,14 +52,7 @@ class TrainState:
     model_config: DecoderConfig = flax.struct.field(pytree_node=False)
     train_config: TrainConfig = flax.struct.field(pytree_node=False)
     mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
-
-
-# Row groups of a train step on one CPU device (`row_groups`): independent groups let XLA's CPU
-# runtime run one group's single-threaded elementwise kernels beside the other's matmuls; more
-# groups gain little and compile more copies of the model (`python -m jaxdec.bench train`).
-# Smaller batches keep one group, so they compile no extra copy of the model.
-CPU_ROW_GROUPS = 2
-CPU_GROUP_MIN_TOKENS = 1024
+    tuning: Tuning = flax.struct.field(pytree_node=False, default=tuning.PLAIN)
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -134,6 +131,7 @@ def _init_state(model_config, train_config, mesh, key, params=None) -> TrainStat
         model_config=model_config,
         train_config=train_config,
         mesh=mesh,
+        tuning=tuning.for_platform(None if mesh is None else mesh.devices.flat[0].platform),
     )
 
 
@@ -240,8 +238,9 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _logits(params, mc, tc: TrainConfig, batch: dict, dropout_rng):
-    """Teacher forcing: logits [B, T, V] of tokens[:, :-1] (and the source, for seq2seq)."""
+def _logits(params, mc, tc: TrainConfig, batch: dict, dropout_rng, tuned: Tuning = tuning.PLAIN):
+    """Teacher forcing: logits [B, T, V] of tokens[:, :-1] (and the source, for seq2seq).
+    dropout_rng: per-row keys [B] (or None: no dropout)."""
     tokens = batch["tokens"]
     T = tokens.shape[1] - 1
     lengths = batch.get("lengths")
@@ -249,49 +248,56 @@ def _logits(params, mc, tc: TrainConfig, batch: dict, dropout_rng):
     return apply(
         _cast(params, _compute_dtype(tc)), mc, tokens[:, :-1], lengths,
         source=batch.get("source"), source_lengths=batch.get("source_lengths"),
-        dropout_rate=tc.dropout if dropout_rng is not None else 0.0, rng=dropout_rng,
+        dropout_rate=tc.dropout if dropout_rng is not None else 0.0, rng=dropout_rng, tuning=tuned,
     )
 
 
-def _sums(logits, batch):
+def _sums(logits, batch, tuned: Tuning = tuning.PLAIN):
     """Summed loss, real-target count and correct predictions over the batch."""
     targets = batch["tokens"][:, 1:]
     weights = target_weights(batch)
     loss_sum = jnp.sum(token_losses(logits, targets) * weights)
-    # argmax as two plain reductions (`sampling.argmax`): XLA's CPU (value, index) reduction is
-    # slower (`python -m jaxdec.bench train`)
-    predicted = sampling.argmax(logits).astype(targets.dtype)  # int64 under x64
+    predicted = sampling.argmax(logits, tuned.argmax).astype(targets.dtype)  # int64 under x64
     correct = jnp.sum((predicted == targets).astype(jnp.float32) * weights)
     return loss_sum, jnp.sum(weights), correct
 
 
-def row_groups(tokens_shape: tuple[int, int], mesh) -> int:
-    """Independent row groups the train step splits a [B, T+1] batch into: CPU_ROW_GROUPS on
-    one CPU device when B divides evenly and each group holds at least CPU_GROUP_MIN_TOKENS
+def row_groups(tokens_shape: tuple[int, int], mesh, tuned: Tuning = tuning.PLAIN) -> int:
+    """Independent row groups the train step splits a [B, T+1] batch into: tuned.row_groups on
+    one device when B divides evenly and each group holds at least tuned.row_group_min_tokens
     tokens; else 1."""
     B, T1 = tokens_shape
-    if (mesh is not None or jax.default_backend() != "cpu" or B % CPU_ROW_GROUPS
-            or B // CPU_ROW_GROUPS * (T1 - 1) < CPU_GROUP_MIN_TOKENS):
+    G = tuned.row_groups
+    if mesh is not None or G == 1 or B % G or B // G * (T1 - 1) < tuned.row_group_min_tokens:
         return 1
-    return CPU_ROW_GROUPS
+    return G
 
 
-def _group_sums(params, mc, tc: TrainConfig, batch: dict, dropout_rng, mesh):
+def row_keys(dropout_rng: jax.Array | None, batch_size: int) -> jax.Array | None:
+    """Per-row dropout keys [B]: row b's is fold_in(dropout_rng, b), so its masks do not depend
+    on how the step groups its rows."""
+    if dropout_rng is None:
+        return None
+    return jax.vmap(lambda b: jax.random.fold_in(dropout_rng, b))(jnp.arange(batch_size, dtype=jnp.int32))
+
+
+def _group_sums(params, mc, tc: TrainConfig, batch: dict, dropout_rng, mesh, tuned: Tuning = tuning.PLAIN):
     """`_sums` of the batch, computed as the sum over `row_groups` independent slices of rows.
 
     The sums are the same up to float rounding; the groups share no data, so XLA's CPU runtime
     runs one group's single-threaded elementwise kernels beside the other's matmuls. Dropout
-    draws per group (a key folded with the group index).
+    draws per row (`row_keys`), so the masks are those of one group.
     """
     B = batch["tokens"].shape[0]
-    G = row_groups(batch["tokens"].shape, mesh)
+    G = row_groups(batch["tokens"].shape, mesh, tuned)
+    keys = row_keys(dropout_rng, B)
     if G == 1:
-        return _sums(_logits(params, mc, tc, batch, dropout_rng), batch)
+        return _sums(_logits(params, mc, tc, batch, keys, tuned), batch, tuned)
     totals = []
     for g in range(G):
         rows = {k: v[g * B // G:(g + 1) * B // G] for k, v in batch.items()}
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, g)
-        totals.append(_sums(_logits(params, mc, tc, rows, rng), rows))
+        group_keys = None if keys is None else keys[g * B // G:(g + 1) * B // G]
+        totals.append(_sums(_logits(params, mc, tc, rows, group_keys, tuned), rows, tuned))
     return tuple(sum(parts[1:], parts[0]) for parts in zip(*totals))
 
 
@@ -336,7 +342,7 @@ def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     batch = sharding.constrain(batch, state.mesh, sharding.batch_axes)
 
     def loss_fn(params):
-        loss_sum, count, correct = _group_sums(params, mc, tc, batch, dropout_rng, state.mesh)
+        loss_sum, count, correct = _group_sums(params, mc, tc, batch, dropout_rng, state.mesh, state.tuning)
         return loss_sum / jnp.maximum(count, 1.0), (count, correct)
 
     (loss, (count, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -401,8 +407,8 @@ def eval_step(state: TrainState, batch: dict) -> dict:
 @jax.jit
 def _eval_step_jit(state: TrainState, batch: dict) -> dict:
     batch = sharding.constrain(batch, state.mesh, sharding.batch_axes)
-    logits = _logits(state.params, state.model_config, state.train_config, batch, None)
-    loss_sum, count, correct = _sums(logits, batch)
+    logits = _logits(state.params, state.model_config, state.train_config, batch, None, state.tuning)
+    loss_sum, count, correct = _sums(logits, batch, state.tuning)
     loss = loss_sum / jnp.maximum(count, 1.0)
     return {
         "loss": loss,
