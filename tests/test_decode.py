@@ -5,6 +5,7 @@ validation of every bad input before any compute."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import chex
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxdec
-from jaxdec import api, decode
+from jaxdec import api, decode, family, tuning
 from jaxdec.config import DecoderConfig
 from jaxdec.sampling import Greedy, Temperature, TopK, TopP
 
@@ -71,7 +72,7 @@ def test_cached_logits_equal_full_forward_at_every_step(decoder_config, params_f
 
     # One teacher-forcing pass over prompt + generated tokens; logits at position n - 1 + t
     # predict generated token t, and the causal mask makes them depend on that prefix only.
-    # float32: the two programs may run different matmul kernels on CPU (decode.CPU_DECODE_OPTIONS),
+    # float32: the two programs may run different matmul kernels on CPU (tuning.CPU),
     # so roundings differ by a few ulps of the logits (|logit| < 4 here).
     seqs, lengths = full_sequences(result.tokens)
     full = jaxdec.forward(params, c, seqs, lengths)
@@ -297,61 +298,117 @@ def test_generate_greedy_ignores_key(params_for, base_config, key):
 # --- compilation ------------------------------------------------------------------------------
 
 
+def _recorded_generate(params, config, monkeypatch, **kwargs):
+    """gen()'s result and the arguments `generate` passed to its program (`decode._generate`)."""
+    calls = []
+    program = decode._generate
+
+    def recording(*args, **kw):
+        calls.append((args, kw))
+        return program(*args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(decode, "_generate", recording)
+        result = gen(params, config, **kwargs)
+    (args, kw), = calls
+    return result, args, kw
+
+
+def _jaxlib_accepts(options) -> bool:
+    """Whether this jaxlib compiles a program with these compiler options (the test's own check)."""
+    try:
+        jax.jit(lambda x: x * 2, compiler_options=dict(options)).lower(np.float32(1)).compile()
+    except Exception:  # noqa: BLE001 - an unknown option fails compilation
+        return False
+    return True
+
+
 def test_cpu_decode_options_change_kernels_not_results(params_for, base_config, monkeypatch):
-    """On CPU the decode program is compiled with decode.CPU_DECODE_OPTIONS (XLA's own dots in
-    place of YNNPACK's); {} compiles it with XLA's defaults. Both give the same greedy tokens and
-    the same logits to float32 rounding (1e-5 absolute plus relative, |logit| < 4)."""
+    """The program `generate` runs is compiled with its tuning's decode_compiler_options. On CPU
+    (tuning.CPU, where this jaxlib accepts them) XLA's optimized program then has only XLA's own
+    dots and no YNNPACK fusion, while the same program compiled with XLA's defaults hands its
+    matmuls to YNNPACK (`__ynn_fusion` custom fusions). Without options (other platforms) the
+    two are one program. Both give the same greedy tokens and the same logits to float32
+    rounding (1e-5 absolute plus relative, |logit| < 4)."""
     params = params_for(base_config)
-    assert jax.default_backend() != "cpu" or decode._cpu_options_accepted(
-        tuple(sorted(decode.CPU_DECODE_OPTIONS.items())))
-    tuned_program, tuned = decode._generate.for_inputs(params), gen(params, base_config)
-    monkeypatch.setattr(decode, "CPU_DECODE_OPTIONS", {})
-    default_program, default = decode._generate.for_inputs(params), gen(params, base_config)
-    assert (tuned_program is not default_program) == (jax.default_backend() == "cpu")
-    np.testing.assert_array_equal(tuned.tokens, default.tokens)
-    chex.assert_trees_all_close(tuned.logits, default.logits, atol=1e-5, rtol=1e-5)
+    tuned_result, args, kw = _recorded_generate(params, base_config, monkeypatch)
+    tuned = tuning.for_arrays(params)
+    defaults = dataclasses.replace(tuned, decode_compiler_options=())
+    tuned_hlo = decode._generate.for_inputs(args[0], kw["mesh"]).lower(*args, **kw).compile().as_text()
+    default_hlo = decode._generate.for_tuning(defaults).lower(*args, **kw).compile().as_text()
+    default_result = decode._generate.for_tuning(defaults)(*args, **kw)
+    options = tuned.decode_compiler_options
+    if options and _jaxlib_accepts(options):
+        assert jax.default_backend() == "cpu" and tuned == tuning.CPU
+        assert tuned_hlo.count("__ynn_fusion") == 0, "YNNPACK fusions in the tuned program"
+        assert re.search(r"= \S+ dot\(", tuned_hlo)  # e.g. "%dot.3 = f32[3,96]{1,0} dot("
+        assert "__ynn_fusion" in default_hlo, "XLA's defaults no longer use YNNPACK: drop the option"
+    else:
+        assert tuned_hlo == default_hlo
+    np.testing.assert_array_equal(tuned_result.tokens, default_result.tokens)
+    chex.assert_trees_all_close(tuned_result.logits, default_result.logits, atol=1e-5, rtol=1e-5)
 
 
-def test_no_recompilation_across_prompts(params_for, base_config):
+def count_traces(monkeypatch, config, name: str) -> list:
+    """Counts calls of `config`'s family function `name` by the programs traced from now on
+    (equinox's test_num_traces): the decode program calls the family's prefill, forward()
+    calls its forward, once per trace, and a trace happens once per compilation key. A
+    program already compiled for a key runs without tracing and counts nothing. Returns a
+    list whose length is the count."""
+    fam = family.of(config)
+    calls = []
+    original = getattr(fam, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(family._FAMILIES, type(config), dataclasses.replace(fam, **{name: counted}))
+    return calls
+
+
+def test_no_recompilation_across_prompts(params_for, base_config, monkeypatch):
     params = params_for(base_config)
-    compiled = decode._generate.for_inputs(params)._cache_size
     rng = np.random.default_rng(0)
+    gen(params, base_config)  # compiled before counting starts (here or by an earlier test)
+    traces = count_traces(monkeypatch, base_config, "prefill")
 
     # Same padded width, different lengths, contents, eos/pad ids, keys and array types.
     gen(params, base_config)
-    before = compiled()
     gen(params, base_config, lengths=np.array([1, 5, 4], np.int32))
     gen(params, base_config, prompts=rng.integers(0, 37, (B, P)), lengths=np.array([2, 2, 2], np.int64))
     gen(params, base_config, prompts=jnp.asarray(PROMPTS), lengths=jnp.asarray([5, 5, 1]), eos_id=4, pad_id=7)
     gen(params, base_config, key=jax.random.key(9), eos_id=np.int32(3))
-    assert compiled() == before
+    assert len(traces) == 0
 
-    # A fixed capacity (used by no other test): one compilation for prompts of any width.
+    # A fixed capacity (used by no other test): one trace for prompts of any width.
     capacity = 13
-    before = compiled()
     for width in (1, 3, 5, 9):
         prompts = rng.integers(0, 37, (B, width)).astype(np.int32)
         lengths = rng.integers(1, width + 1, B).astype(np.int32)
         result = jaxdec.generate(params, base_config, prompts, lengths, max_new_tokens=4, capacity=capacity)
         assert_result_shapes(result, B, 4, base_config.vocab_size)
-        assert compiled() == before + 1  # the first width compiles (the counter works), no other
+        assert len(traces) == 1  # the first width traces (the counter works), no other
     # Equal sampler objects share the program too.
     for _ in range(2):
         gen(params, base_config, sampler=Temperature(1.5), key=jax.random.key(0))
-    n = compiled()
+    n = len(traces)
     gen(params, base_config, sampler=Temperature(1.5), key=jax.random.key(5))
-    assert compiled() == n
+    assert len(traces) == n
 
 
-def test_forward_does_not_recompile_for_new_lengths(params_for, base_config):
+def test_forward_does_not_recompile_for_new_lengths(params_for, base_config, monkeypatch):
     params = params_for(base_config)
     seqs = np.tile(np.arange(10, dtype=np.int32), (B, 1))
     jaxdec.forward(params, base_config, seqs, np.array([10, 7, 8], np.int32))
-    before = api._apply_jit._cache_size()
+    traces = count_traces(monkeypatch, base_config, "forward")
     jaxdec.forward(params, base_config, seqs + 1, np.array([1, 0, 10], np.int32))
     jaxdec.forward(params, base_config, seqs, jnp.array([3, 3, 3]))
     jaxdec.forward(params, base_config, seqs, None)
-    assert api._apply_jit._cache_size() == before
+    assert len(traces) == 0
+    # A new compilation key (dropout_rate is static; this rate is used by no other test): one trace.
+    jaxdec.forward(params, base_config, seqs, None, dropout_rate=0.125, rng=jax.random.key(0))
+    assert len(traces) == 1
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -431,11 +488,12 @@ BLOCK_LENGTHS = np.array([1, BLOCK - 1, BLOCK, BLOCK + 1, 9], np.int32)
 
 @pytest.fixture
 def tiny_blocks(monkeypatch):
-    """Attention blocks of 4 slots and prefill chunks of 3 rows: every loop runs many times."""
-    from jaxdec import model
-
-    monkeypatch.setattr(model, "BLOCK_SIZE", BLOCK)
-    monkeypatch.setattr(model, "CHUNK_SIZE", 3)
+    """This platform's tuning with attention blocks of 4 slots and prefill chunks of 3 rows:
+    every loop runs many times. (The tuning is a static argument: no compiled program is reused.)"""
+    platform = jax.default_backend()
+    tiny = dataclasses.replace(tuning.for_platform(platform), cache_block=BLOCK, prefill_chunk=3)
+    monkeypatch.setitem(tuning.BY_PLATFORM, platform, tiny)
+    return platform
 
 
 @pytest.mark.parametrize("capacity", [19, 27])  # 19: not a multiple of the block size
@@ -457,16 +515,15 @@ def test_blocked_decode_equals_full_forward(capacity, tiny_blocks):
     assert len({tuple(r) for r in np.asarray(result.tokens)}) > 1, "degenerate outputs"
 
 
-@pytest.mark.slow  # two beam searches at 4-slot blocks: ~20 s (loaded 2-core CPU)
+@pytest.mark.slow  # two beam-search compilations, blocked and single-block
 def test_blocked_beam_search_equals_single_block(tiny_blocks):
     """Beam search reorders only the filled cache blocks: the same beams and scores as the
     single-pass path (a cache no larger than one block)."""
     params = jaxdec.init_params(BLOCKED, jax.random.key(1))
     kw = dict(beam_size=3, max_new_tokens=6)
     blocked, s_blocked = jaxdec.beam_search(params, BLOCKED, BLOCK_PROMPTS, BLOCK_LENGTHS, capacity=23, **kw)
-    from jaxdec import model
-
-    model.BLOCK_SIZE = 10**6  # restored by the fixture's monkeypatch
+    one_block = dataclasses.replace(tuning.BY_PLATFORM[tiny_blocks], cache_block=10**6)
+    tuning.BY_PLATFORM[tiny_blocks] = one_block  # restored by the fixture's monkeypatch
     single, s_single = jaxdec.beam_search(params, BLOCKED, BLOCK_PROMPTS, BLOCK_LENGTHS, capacity=24, **kw)
     np.testing.assert_array_equal(blocked.tokens, single.tokens)
     np.testing.assert_array_equal(blocked.lengths, single.lengths)
@@ -512,7 +569,7 @@ def test_early_exit_loop_stops_running_the_model():
     assert len(calls) == 1  # one step sampled eos for both rows; 48 more were skipped
 
 
-@pytest.mark.slow  # compiles train and generate twice: ~27 s (loaded 2-core CPU)
+@pytest.mark.slow  # compiles the train step and generate twice each (scanned and unrolled)
 def test_scanned_layers_equal_unrolled_loss_gradients_and_tokens(params_for, decoder_configs):
     """The layer scan against the same blocks unrolled in Python (each layer's slice of the
     stacked params run alone, one after another): equal loss, gradients (1e-6) and tokens."""

@@ -86,7 +86,7 @@ def _no_missing_glyphs(caplog) -> None:
 
 
 # matplotlib warns "Glyph ... missing from font(s)" where it would draw a tofu box.
-@pytest.mark.slow  # the whole report with its timings: ~35 s
+@pytest.mark.slow  # the whole report end to end, its benchmark timings included
 @pytest.mark.filterwarnings("error:.*[Gg]lyph.*missing")
 def test_report_end_to_end_on_a_tiny_random_decoder(tmp_path, capsys, caplog):
     out = tmp_path / "report"
@@ -107,7 +107,7 @@ def test_report_end_to_end_on_a_tiny_random_decoder(tmp_path, capsys, caplog):
 
 
 @pytest.mark.filterwarnings("error:.*[Gg]lyph.*missing")
-@pytest.mark.slow  # 20 s of compiles; the decoder-only end-to-end test covers the default run
+@pytest.mark.slow  # compiles the encoder-decoder's programs; the decoder-only end-to-end test covers the default run
 def test_report_end_to_end_on_a_tiny_random_encoder_decoder(tmp_path, caplog):
     out = tmp_path / "dates"
     path = explain.main(["--task", "dates", "--out", str(out), "--samples", "2", "--repeats", "1"])

@@ -16,7 +16,7 @@ import pytest
 from jax.experimental import checkify
 
 import jaxdec
-from jaxdec import api, model
+from jaxdec import api, model, tuning
 from jaxdec import cache as kv_cache
 from jaxdec.config import DecoderConfig
 
@@ -185,11 +185,11 @@ def test_forward_over_causal_query_blocks_matches_numpy_reference(params_for):
     # own last row: padded rows, GQA and RoPE; the reference runs each row's real tokens alone.
     c = DecoderConfig(37, 2, 32, 4, 160, init_std=0.4, position="rope", num_kv_heads=2)
     T_long = 150
-    assert model.causal_query_block(T_long) < T_long
+    assert model.causal_query_block(T_long, tuning.CPU) < T_long  # the CPU tuning runs blocks
     params = params_for(c)
     tokens = np.random.default_rng(41).integers(0, c.vocab_size, (3, T_long)).astype(np.int32)
     lengths = np.array([T_long, 70, 1], np.int32)
-    logits = jaxdec.forward(params, c, tokens, lengths)
+    logits = model.decoder_logits(params, c, tokens, lengths, tuning=tuning.CPU)
     for b, n in enumerate(lengths):
         expected = np_decoder_logits(params, c, tokens[b, :n])
         chex.assert_trees_all_close(logits[b, :n], expected.astype(np.float32), atol=1e-4, rtol=1e-4)
@@ -497,9 +497,9 @@ def test_chunked_prefill_equals_one_pass(chunk_size, params_for, decoder_configs
     params = params_for(c)
     prompts, _, starts = _prompts(c.vocab_size)
     args = (params, c, jnp.asarray(prompts), jnp.asarray(PROMPT_LENGTHS), CAPACITY)
-    one_pass = jax.jit(model.prefill, static_argnames=("config", "capacity", "chunk_size"))
-    logits, cache = one_pass(*args, chunk_size=W)
-    logits_c, cache_c = one_pass(*args, chunk_size=chunk_size)
+    one_pass = jax.jit(model.prefill, static_argnames=("config", "capacity", "tuning"))
+    logits, cache = one_pass(*args, tuning=tuning.Tuning(prefill_chunk=W))
+    logits_c, cache_c = one_pass(*args, tuning=tuning.Tuning(prefill_chunk=chunk_size))
     chex.assert_trees_all_close(logits_c, logits, atol=1e-5, rtol=0)
     assert int(cache_c.end) == int(cache.end) == PROMPT_LENGTHS.max()
     for b in range(B):
@@ -530,7 +530,7 @@ def test_step_params_change_no_logit(tied, params_for, base_config):
     products, summed in another order)."""
     c = dataclasses.replace(base_config, tie_embeddings=tied)
     params = params_for(c)
-    one, many = model.step_params(params, c, 1), model.step_params(params, c, B)
+    one, many = model.step_params(params, c, 1, tuning.CPU), model.step_params(params, c, B, tuning.CPU)
     assert isinstance(many["layers"], list) and len(many["layers"]) == c.num_layers
     assert "embed_t" not in one
     if tied:

@@ -35,7 +35,7 @@ def configs(draw) -> DecoderConfig:
     )
 
 
-@pytest.mark.slow  # 6 random configs, each compiled: ~95 s on 2 loaded cores
+@pytest.mark.slow  # 6 random configs, each compiled
 @settings(max_examples=6, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(config=configs(), lengths=st.lists(st.integers(1, P), min_size=B, max_size=B),

@@ -169,7 +169,7 @@ def test_cross_kv_projected_once_per_sequence(cache_cross):
     assert outside in ((1, 0), (0, kv_shape[0]))
 
 
-@pytest.mark.slow  # two beam compilations per config: ~20 s each (loaded 2-core CPU)
+@pytest.mark.slow  # two beam-search compilations per config
 def test_beam_one_equals_greedy(model):
     config, params = model
     for eos in (None, int(_generate(params, config).tokens[0, 2])):

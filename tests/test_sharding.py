@@ -130,7 +130,7 @@ def test_make_mesh_refuses_the_wrong_device_count():
     assert mesh.axis_types == (AxisType.Auto,) * 3
 
 
-@pytest.mark.slow  # sharded and plain train steps: ~23 s (loaded 2-core CPU)
+@pytest.mark.slow  # compiles a sharded and a plain train step
 def test_one_device_mesh_trains_like_no_mesh():
     mc = jaxdec.DecoderConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2, max_len=16)
     tc = jaxdec.TrainConfig(warmup_steps=0, decay_steps=10)
@@ -156,7 +156,7 @@ def test_devices_cannot_change_after_jax_started():
         sharding.init_devices(coordinator_address="localhost:1234", num_processes=2, process_id=2)
 
 
-@pytest.mark.slow  # about 3-5 minutes on 2 cores (a compile per mesh); CI runs it
+@pytest.mark.slow  # eight simulated devices in a subprocess, a compile per mesh; CI runs it
 def test_eight_simulated_devices():
     """Train parity on 4 meshes, specs, per-device bytes, the guard, checkpoints across meshes."""
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}

@@ -38,7 +38,7 @@ def _train_records(cfg: RunConfig) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in report.read(path) if "loss" in r]
 
 
-@pytest.mark.slow  # two training runs end to end: ~45 s on 2 loaded cores
+@pytest.mark.slow  # two training runs end to end
 def test_resume_reproduces_the_uninterrupted_curve(tmp_path, capsys):
     straight = _cfg(tmp_path, name="straight")
     final = run(straight)

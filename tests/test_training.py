@@ -6,12 +6,14 @@ import dataclasses
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxdec
-from jaxdec import checkpoint, training
+from jaxdec import api, checkpoint, training, tuning
 
 MC = jaxdec.DecoderConfig(vocab_size=32, num_layers=2, d_model=32, num_heads=4, max_len=32)
 TC = jaxdec.TrainConfig(learning_rate=3e-3, warmup_steps=2, decay_steps=100, weight_decay=0.0)
@@ -75,23 +77,29 @@ def test_padding_weights_exclude_padding():
     chex.assert_trees_all_close(s1.params, s2.params, atol=0, rtol=0)
 
 
-def test_row_groups_equal_one_group(monkeypatch):
-    """The CPU step's independent row groups give the loss, metrics and update of one group:
-    padded rows and rows of different lengths in each group, fp32, 1e-6."""
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_row_groups_equal_one_group(dropout):
+    """A step split into independent row groups (the CPU tuning's form) gives the loss, metrics
+    and update of one group: padded rows and rows of different lengths in each group, fp32,
+    1e-6. With dropout too: masks are drawn per row, so they do not depend on the grouping."""
     batch = _batch(jax.random.key(12), lengths=[17, 5, 11, 1])
-    monkeypatch.setattr(training, "CPU_ROW_GROUPS", 1)
-    one_state, one = jax.jit(lambda s, b: training._train_step(s, b))(_state(), batch)
-    monkeypatch.setattr(training, "CPU_ROW_GROUPS", 2)
-    monkeypatch.setattr(training, "CPU_GROUP_MIN_TOKENS", 1)
-    assert training.row_groups(batch["tokens"].shape, None) == 2
-    two_state, two = jax.jit(lambda s, b: training._train_step(s, b))(_state(), batch)
+    tc = dataclasses.replace(TC, dropout=dropout)
+    one_group = tuning.Tuning(row_groups=1)
+    two_groups = tuning.Tuning(row_groups=2, row_group_min_tokens=1)
+    assert training.row_groups(batch["tokens"].shape, None, two_groups) == 2
+    step = jax.jit(training._train_step)
+    one_state, one = step(_state(tc).replace(tuning=one_group), batch)
+    two_state, two = step(_state(tc).replace(tuning=two_groups), batch)
     for name in one:
         np.testing.assert_allclose(float(two[name]), float(one[name]), rtol=1e-6, err_msg=name)
     chex.assert_trees_all_close(two_state.params, one_state.params, atol=1e-6, rtol=1e-6)
-    assert training.row_groups((3, 1025), None) == 1, "an odd batch keeps one group"
+    assert training.row_groups((3, 1025), None, two_groups) == 1, "an odd batch keeps one group"
+    if dropout:  # the masks matter: without dropout the loss differs
+        _, plain = step(_state(dataclasses.replace(TC, dropout=0.0)).replace(tuning=one_group), batch)
+        assert abs(float(plain["loss"]) - float(one["loss"])) > 1e-4
 
 
-@pytest.mark.slow  # two train-step compilations: ~23 s (loaded 2-core CPU)
+@pytest.mark.slow  # two train-step compilations (with and without accumulation)
 def test_gradient_accumulation_equals_one_big_batch():
     """k micro-batches through optax.MultiSteps == one batch of k times the size (fp32, 1e-6).
 
@@ -174,16 +182,67 @@ def test_dropout_changes_training_but_not_eval():
     assert float(e1["loss"]) == float(e2["loss"])
 
 
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
+    """The operand dtypes of every dot_general in a jaxpr, nested jaxprs (scan, remat, custom
+    derivatives, pjit) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _dot_operand_dtypes(sub)
+    return found
+
+
 def test_bfloat16_compute_keeps_float32_params():
+    """TrainConfig(dtype="bfloat16"): every matmul of the step's forward and backward takes
+    bfloat16 operands (float32 ones in the float32 step), params, gradients and Adam's moments
+    stay float32, and the loss and gradient norm are those of a bfloat16 forward the test casts
+    itself, not the float32 ones.
+
+    Tolerances: the step and the reference run the same bfloat16 ops (1e-6 relative: a float32
+    reduction order may differ, ~1e-7), while a float32 step is 1.2e-5 (loss) and 9e-4
+    (gradient norm) away from the reference on this batch. bfloat16 keeps 8 significant bits
+    (2^-8 = 3.9e-3 per rounding, averaged over many terms), so [1e-4, 2e-2] relative between
+    the two steps' gradient norms brackets bfloat16 rounding, far above float32's and far below
+    a wrong computation."""
     tc = dataclasses.replace(TC, dtype="bfloat16")
-    batch = _batch(jax.random.key(10))
+    batch = _batch(jax.random.key(11))
+    step_dots = {name: _dot_operand_dtypes(jax.make_jaxpr(training._train_step)(_state(c), batch).jaxpr)
+                 for name, c in (("bfloat16", tc), ("float32", TC))}
+    assert len(step_dots["bfloat16"]) == len(step_dots["float32"]) > 0
+    assert set(step_dots["bfloat16"]) == {("bfloat16", "bfloat16")}, step_dots["bfloat16"]
+    assert set(step_dots["float32"]) == {("float32", "float32")}, step_dots["float32"]
+
+    # The reference: a bfloat16 forward (under the step's tuning) from float32 params cast
+    # here, its mean cross-entropy, and the gradient with respect to the float32 params.
+    state = _state(tc)
+    params, tuned = state.params, state.tuning
+    T = batch["tokens"].shape[1] - 1
+
+    def reference_loss(p):
+        p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p)
+        logits = api.apply(p16, MC, batch["tokens"][:, :-1], jnp.full((4,), T, jnp.int32), tuning=tuned)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["tokens"][:, 1:]))
+
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(reference_loss))(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(ref_grads))
+
     s_bf, m_bf = jaxdec.train_step(_state(tc), batch)
     _, m_fp = jaxdec.train_step(_state(), batch)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s_bf.params))
+    opt_floats = [x for x in jax.tree.leaves(s_bf.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert len(opt_floats) >= 2 * len(jax.tree.leaves(s_bf.params))  # Adam's mu and nu
+    assert all(x.dtype == jnp.float32 for x in opt_floats)
+    np.testing.assert_allclose(float(m_bf["loss"]), float(ref_loss), rtol=1e-6)
+    np.testing.assert_allclose(float(m_bf["grad_norm"]), float(optax.tree.norm(ref_grads)), rtol=1e-6)
+    gap = abs(float(m_bf["grad_norm"]) - float(m_fp["grad_norm"])) / float(m_fp["grad_norm"])
+    assert 1e-4 < gap < 2e-2, gap
     np.testing.assert_allclose(float(m_bf["loss"]), float(m_fp["loss"]), rtol=2e-2)
 
 
-@pytest.mark.slow  # orbax round trip plus three steps: ~23 s (loaded 2-core CPU)
+@pytest.mark.slow  # an orbax round trip plus three steps
 def test_save_restore_continue_is_bit_identical(tmp_path):
     batches = [_batch(jax.random.key(20 + i), lengths=[17, 8, 12, 17]) for i in range(6)]
     tc = dataclasses.replace(TC, dropout=0.1)

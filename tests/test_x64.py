@@ -62,7 +62,7 @@ def test_beam_search_under_x64(decoder_configs, params_for):
     np.testing.assert_allclose(on[1], off[1], rtol=1e-5)
 
 
-@pytest.mark.slow  # compiles the seq2seq train step twice (x32, x64): ~40 s
+@pytest.mark.slow  # compiles the seq2seq train step twice (x32, x64)
 def test_seq2seq_train_step_under_x64():
     config = jaxdec.Seq2SeqConfig(37, 1, 1, 32, 4, 16, init_std=0.4)
     source = PROMPTS
