@@ -24,7 +24,7 @@ from jaxdec.decode import (
     DecodeProgram,
     GenerateResult,
     check_layout,
-    loop_weights,
+    decode_params_for,
     prefill_and_step,
     prepare_inputs,
 )
@@ -124,7 +124,7 @@ def _beam_search_program(params, config, prompts, lengths, source, source_length
     fam = family.of(config)
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
         mesh, params, (prompts, lengths, source, source_lengths))
-    params = loop_weights(params, config, B * W, mesh, tuning)  # before the prefill: it reads the same layout
+    params = decode_params_for(params, config, B * W, mesh, tuning)  # before the prefill: it reads the same layout
     logits, cache, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
                                            source_lengths, True, tuning)
     step = sharding.sharded_step(step, mesh)

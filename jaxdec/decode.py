@@ -74,13 +74,13 @@ class GenerateResult:
 class DecodeParams:
     """A model's params laid out once for many `generate` / `beam_search` calls (`decode_params`).
 
-    weights: the family's loop layout (`Family.loop_params`) for the platform's tuning; for the
+    params: the family's decode params (`Family.decode_params`) for the platform's tuning; for the
       decoder-only LM and the encoder-decoder's decoder on CPU: per-layer weights (up to
       `Tuning.split_layers_max` layers) and a tied head's [D, V] copy. config: the config they
       were checked against (static). tuning: the tuning they were laid out for (static).
     """
 
-    weights: Any
+    params: Any
     config: Any = flax.struct.field(pytree_node=False)
     tuning: Tuning = flax.struct.field(pytree_node=False, default=tuning.PLAIN)
 
@@ -88,7 +88,7 @@ class DecodeParams:
 # Rows the layout of `decode_params` is made for: any batch above 1 reads the same layout, and
 # batch 1 simply ignores the tied head's copy.
 _LAYOUT_ROWS = 2
-_layout = jax.jit(lambda params, config, tuning: family.of(config).loop_params(params, config, _LAYOUT_ROWS,
+_decode_params_jit = jax.jit(lambda params, config, tuning: family.of(config).decode_params(params, config, _LAYOUT_ROWS,
                                                                                tuning=tuning),
                   static_argnames=("config", "tuning"))
 
@@ -106,7 +106,7 @@ def decode_params(params, config: DecoderConfig | Seq2SeqConfig) -> DecodeParams
     api.check_config(config)
     api.check_params(params, config)
     tuned = tuning.for_platform(_platform(params, None))
-    return DecodeParams(weights=_layout(params, config, tuned), config=config, tuning=tuned)
+    return DecodeParams(params=_decode_params_jit(params, config, tuned), config=config, tuning=tuned)
 
 
 def check_layout(params, config, mesh, use_cache: bool = True) -> None:
@@ -122,15 +122,15 @@ def check_layout(params, config, mesh, use_cache: bool = True) -> None:
         raise ValueError("DecodeParams are for cached decoding: pass the model's params with use_cache=False")
 
 
-def loop_weights(params, config, batch: int, mesh=None, tuning: Tuning = tuning.PLAIN):
-    """The weights a loop of cached steps over `batch` rows reads (inside a decode program):
+def decode_params_for(params, config, batch: int, mesh=None, tuning: Tuning = tuning.PLAIN):
+    """The params a loop of cached steps over `batch` rows reads (inside a decode program):
     the family's loop layout for the tuning, except on a mesh (the stacked params keep their
     sharding)."""
     if isinstance(params, DecodeParams):
-        params = params.weights
+        params = params.params
     elif mesh is not None:
         return params
-    return family.of(config).loop_params(params, config, batch, tuning=tuning)
+    return family.of(config).decode_params(params, config, batch, tuning=tuning)
 
 
 def _nonfinite_rows(logits: jax.Array) -> jax.Array:
@@ -239,7 +239,7 @@ def _options_accepted(options: tuple) -> bool:
 def _platform(params, mesh) -> str | None:
     """The platform the decode program will run on (`tuning.platform_of`); None inside the
     caller's jit, where compiler options cannot apply (only a top-level jit takes them)."""
-    return tuning.platform_of(params.weights if isinstance(params, DecodeParams) else params, mesh)
+    return tuning.platform_of(params.params if isinstance(params, DecodeParams) else params, mesh)
 
 
 class DecodeProgram:
@@ -279,9 +279,9 @@ def _generate_program(params, config, prompts, lengths, source, source_lengths, 
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
         mesh, params, (prompts, lengths, source, source_lengths))
     if use_cache:  # before the prefill, so that it reads the same layout
-        params = loop_weights(params, config, prompts.shape[0], mesh, tuning)
+        params = decode_params_for(params, config, prompts.shape[0], mesh, tuning)
     elif isinstance(params, DecodeParams):
-        params = params.weights
+        params = params.params
     logits, state, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
                                            source_lengths, use_cache, tuning)
     step = sharding.sharded_step(step, mesh)

@@ -18,7 +18,7 @@ The functions, with B batch, T / P token and prompt lengths, S cache capacity, V
   whatever the family recomputes from).
 - select_rows(cache, rows int32 [R]) -> cache with rows reordered (beam search; only filled
   slots are moved), repeat_rows(cache, n) -> each row repeated n times (B -> B * n).
-- loop_params(params, config, batch) -> params laid out for a loop of cached steps over `batch`
+- decode_params(params, config, batch) -> params laid out for a loop of cached steps over `batch`
   rows (default: unchanged), run once before the prefill; prefill and `step` must accept both
   layouts, and laying out params laid out already must give them back.
 Arguments a family does not use (e.g. source for the decoder-only LM) are None. Every function
@@ -49,7 +49,7 @@ class Family:
     recompute_step: Callable[..., Any]
     select_rows: Callable[..., Any]
     repeat_rows: Callable[..., Any]
-    loop_params: Callable[..., Any] = lambda params, config, batch, tuning=None: params
+    decode_params: Callable[..., Any] = lambda params, config, batch, tuning=None: params
 
 
 _FAMILIES: dict[type, Family] = {}

@@ -222,7 +222,7 @@ def output_logits(params: dict, config, x: jax.Array) -> jax.Array:
     """x [B,T,D] -> logits [B,T,V] in float32 (final norm, tied or separate head, soft-cap)."""
     if "final_norm" in params:
         x = apply_norm(config, params["final_norm"], x)
-    if "embed_t" in params:  # the tied head's [D, V] copy (`step_params`)
+    if "embed_t" in params:  # the tied head's [D, V] copy (`decode_params`)
         logits = jnp.einsum("BTD,DV->BTV", x, params["embed_t"].astype(x.dtype))
     elif config.tie_embeddings:
         logits = jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(x.dtype))
@@ -385,7 +385,7 @@ def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cros
         return (mlp_sublayer(p, config, x), k_all, v_all), None
 
     carry = (x, cache.k, cache.v)
-    if isinstance(params["layers"], (list, tuple)):  # per-layer weights (`step_params`)
+    if isinstance(params["layers"], (list, tuple)):  # per-layer weights (`decode_params`)
         cross_xs = _cross_xs(cross)
         for i, p in enumerate(params["layers"]):
             extra = None if cross_xs is None else jax.tree.map(lambda a, i=i: a[i], cross_xs)
@@ -396,7 +396,7 @@ def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cros
     return x, kv_cache.advance(cache.replace(k=k_all, v=v_all), C)
 
 
-def step_params(params: dict, config, batch: int, tuning: Tuning = PLAIN) -> dict:
+def decode_params(params: dict, config, batch: int, tuning: Tuning = PLAIN) -> dict:
     """params laid out for a loop of cached steps over `batch` rows: "layers" as a list of L
     per-layer dicts when L <= tuning.split_layers_max (deeper models scan the stacked layers),
     and, with tuning.tied_head_copy, for a tied head with batch > 1, "embed_t": the embedding's
@@ -600,6 +600,6 @@ FAMILY = family.Family(
     recompute_step=recompute_step,
     select_rows=select_cache_rows,
     repeat_rows=repeat_cache_rows,
-    loop_params=step_params,
+    decode_params=decode_params,
 )
 family.register(DecoderConfig, FAMILY)

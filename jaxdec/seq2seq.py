@@ -93,7 +93,7 @@ def cross_kv(params: dict, config: Seq2SeqConfig, encoded: jax.Array, source_len
     """Projects every decoder layer's cross-attention K/V from encoded [B, S, D], once."""
     project = lambda p: layers.project_kv(p, encoded, config.kv_heads)  # noqa: E731 - one use
     blocks = decoder_view(params)["layers"]
-    if isinstance(blocks, list):  # per-layer weights (`model.step_params`)
+    if isinstance(blocks, list):  # per-layer weights (`model.decode_params`)
         k, v = (jnp.stack(a) for a in zip(*(project(p["cross"]) for p in blocks)))
     else:
         k, v = jax.vmap(project)(blocks["cross"])  # [L, B, S, K, H]
@@ -184,9 +184,9 @@ def recompute_step(params, config, state: Seq2SeqBuffer, tokens, positions, tuni
 # --- the encoder-decoder family ---------------------------------------------------------------
 
 
-def _loop_params(params: dict, config: Seq2SeqConfig, batch: int, tuning: Tuning = PLAIN) -> dict:
-    """The decoder's weights laid out for a loop of cached steps (`model.step_params`)."""
-    return {**params, "decoder": model.step_params(decoder_view(params), config, batch, tuning)}
+def decode_params(params: dict, config: Seq2SeqConfig, batch: int, tuning: Tuning = PLAIN) -> dict:
+    """The decoder's weights laid out for a loop of cached steps (`model.decode_params`)."""
+    return {**params, "decoder": model.decode_params(decoder_view(params), config, batch, tuning)}
 
 
 def _select_rows(cache: Seq2SeqCache, rows: jax.Array, tuning: Tuning = PLAIN) -> Seq2SeqCache:
@@ -208,6 +208,6 @@ FAMILY = family.Family(
     recompute_step=recompute_step,
     select_rows=_select_rows,
     repeat_rows=_repeat_rows,
-    loop_params=_loop_params,
+    decode_params=decode_params,
 )
 family.register(Seq2SeqConfig, FAMILY)

@@ -101,8 +101,8 @@ def test_decode_params_give_the_same_tokens_logits_and_beams(name, decoder_confi
     c = decoder_configs[name]
     params = params_for(c)
     laid_out = jaxdec.decode_params(params, c)
-    assert isinstance(laid_out.weights["layers"], list)
-    assert ("embed_t" in laid_out.weights) == c.tie_embeddings
+    assert isinstance(laid_out.params["layers"], list)
+    assert ("embed_t" in laid_out.params) == c.tie_embeddings
     for rows in (slice(None), slice(1, 2)):
         plain = gen(params, c, PROMPTS[rows], PROMPT_LENGTHS[rows])
         once = gen(laid_out, c, PROMPTS[rows], PROMPT_LENGTHS[rows])

@@ -525,12 +525,12 @@ def test_extend_chunk_equals_forward(params_for, decoder_configs):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_step_params_change_no_logit(tied, params_for, base_config):
-    """The decode loop's layout (`step_params`: per-layer weights, and for a tied head with
+    """The decode loop's layout (`decode_params`: per-layer weights, and for a tied head with
     batch > 1 the embedding's [D, V] copy) gives the stacked params' step logits (1e-5: the same
     products, summed in another order)."""
     c = dataclasses.replace(base_config, tie_embeddings=tied)
     params = params_for(c)
-    one, many = model.step_params(params, c, 1, tuning.CPU), model.step_params(params, c, B, tuning.CPU)
+    one, many = model.decode_params(params, c, 1, tuning.CPU), model.decode_params(params, c, B, tuning.CPU)
     assert isinstance(many["layers"], list) and len(many["layers"]) == c.num_layers
     assert "embed_t" not in one
     if tied:

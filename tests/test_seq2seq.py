@@ -62,7 +62,7 @@ def test_decode_params_decode_as_the_params_do(model):
     (1e-6: the same kernels on the same weights) as the model's params."""
     config, params = model
     laid_out = jaxdec.decode_params(params, config)
-    assert isinstance(laid_out.weights["decoder"]["layers"], list)
+    assert isinstance(laid_out.params["decoder"]["layers"], list)
     plain, once = _generate(params, config), _generate(laid_out, config)
     np.testing.assert_array_equal(once.tokens, plain.tokens)
     chex.assert_trees_all_close(once.logits, plain.logits, atol=1e-6, rtol=0)
@@ -145,7 +145,7 @@ def test_cross_kv_projected_once_per_sequence(cache_cross):
     """The decode loop's body holds no matmul with the cross-attention K/V weights [L, D, 2KH]
     or a layer's [D, 2KH] (in the benchmark's re-projecting baseline it holds one); outside it,
     they are projected once: all layers in one matmul, or (the loop's per-layer weights,
-    `model.step_params`) one per layer."""
+    `model.decode_params`) one per layer."""
     config = CONFIGS["original"]
     params = _params(config)
     kv_shape = params["decoder"]["layers"]["cross"]["kv"].shape  # [L, D, 2KH]
