@@ -13,21 +13,16 @@ give the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from jaxdec import checks, family, sampling, sharding
-from jaxdec.decode import (
-    DecodeProgram,
-    GenerateResult,
-    check_layout,
-    decode_params_for,
-    prefill_and_step,
-    prepare_inputs,
-)
+from jaxdec.decode import DecodeInputs, DecodeProgram, GenerateResult, check_layout, prefill_inputs, prepare_inputs
 from jaxdec.sampling import Greedy, Sampler
 from jaxdec.tuning import Tuning
 
@@ -117,17 +112,27 @@ def _beam_update(state: BeamState, log_probs: jax.Array, t: int | jax.Array, *, 
     return new, rows, run_tokens[:, :, t].reshape(B * W)
 
 
-def _beam_search_program(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id,
-                         *, beam_size, max_new_tokens, capacity, length_penalty, early_stopping, sampler,
-                         mesh=None, tuning: Tuning):
-    B, W, new = prompts.shape[0], beam_size, max_new_tokens
+@dataclasses.dataclass(frozen=True)
+class BeamOptions:
+    """The static choices of one `beam_search` program (hashable: the jit key, with the tuning):
+    as `decode.DecodeOptions`, plus beam_size, length_penalty and early_stopping."""
+
+    config: Any
+    beam_size: int
+    max_new_tokens: int
+    capacity: int
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    sampler: Any = Greedy()
+    mesh: Any = None
+
+
+def _beam_search_program(params, inputs: DecodeInputs, options: BeamOptions, *, tuning: Tuning):
+    config, mesh = options.config, options.mesh
+    B, W, new = inputs.prompts.shape[0], options.beam_size, options.max_new_tokens
     fam = family.of(config)
-    params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
-        mesh, params, (prompts, lengths, source, source_lengths))
-    params = decode_params_for(params, config, B * W, mesh, tuning)  # before the prefill: it reads the same layout
-    logits, cache, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
-                                           source_lengths, True, tuning)
-    step = sharding.sharded_step(step, mesh)
+    params, inputs, logits, cache, step = prefill_inputs(params, inputs, options, tuning)
+    lengths, key, eos_id, pad_id = inputs.lengths, inputs.key, inputs.eos_id, inputs.pad_id
     state = BeamState(
         cache=sharding.constrain_caches(fam.repeat_rows(cache, W), mesh),
         running_tokens=jnp.full((B, W, new), pad_id, jnp.int32),
@@ -142,8 +147,9 @@ def _beam_search_program(params, config, prompts, lengths, source, source_length
     )
     log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
     log_probs = jnp.broadcast_to(log_probs[:, None], (B, W, log_probs.shape[-1]))
-    update = functools.partial(_beam_update, sampler=sampler, eos_id=eos_id, length_penalty=length_penalty,
-                               early_stopping=early_stopping, max_new_tokens=new)
+    update = functools.partial(_beam_update, sampler=options.sampler, eos_id=eos_id,
+                               length_penalty=options.length_penalty, early_stopping=options.early_stopping,
+                               max_new_tokens=new)
     state, rows, last_tokens = update(state, log_probs, 0)
     positions = jnp.repeat(lengths, W)
 
@@ -169,9 +175,7 @@ def _beam_search_program(params, config, prompts, lengths, source, source_length
             state.finished_scores[:, 0])
 
 
-_beam_search = DecodeProgram(_beam_search_program, static_argnames=(
-    "config", "beam_size", "max_new_tokens", "capacity", "length_penalty", "early_stopping", "sampler",
-    "mesh"))
+_beam_search = DecodeProgram(_beam_search_program, static_argnames=("options",))
 
 
 def beam_search(
@@ -210,13 +214,12 @@ def beam_search(
     """
     checks.positive_int("beam_size", beam_size)
     check_layout(params, config, mesh)
-    inputs, capacity = prepare_inputs(params, config, prompts, prompt_lengths, source, source_lengths,
-                                      max_new_tokens, capacity, sampler, key, eos_id, pad_id)
+    inputs, capacity = prepare_inputs(params, config, prompts, prompt_lengths, source=source,
+                                      source_lengths=source_lengths, max_new_tokens=max_new_tokens,
+                                      capacity=capacity, sampler=sampler, key=key, eos_id=eos_id, pad_id=pad_id)
     if beam_size * 2 > config.vocab_size:
         raise ValueError(f"beam_size {beam_size} needs 2 * beam_size <= vocab_size={config.vocab_size}")
-    return _beam_search(
-        params, config, inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths, inputs.key,
-        inputs.eos_id, inputs.pad_id, beam_size=int(beam_size), max_new_tokens=max_new_tokens,
-        capacity=capacity, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
-        sampler=sampler, mesh=mesh,
-    )
+    options = BeamOptions(config=config, beam_size=int(beam_size), max_new_tokens=max_new_tokens,
+                          capacity=capacity, length_penalty=float(length_penalty),
+                          early_stopping=bool(early_stopping), sampler=sampler, mesh=mesh)
+    return _beam_search(params, inputs, options)

@@ -11,8 +11,9 @@ prompt contents and lengths never recompile, and runs prefill plus the loop as o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -269,31 +270,56 @@ class DecodeProgram:
         tuned = params.tuning if isinstance(params, DecodeParams) else tuning.for_platform(platform)
         return self.for_tuning(tuned, traced=platform is None)
 
-    def __call__(self, params, *args, mesh=None, **kwargs):
-        return self.for_inputs(params, mesh)(params, *args, mesh=mesh, **kwargs)
+    def __call__(self, params, inputs, options):
+        return self.for_inputs(params, options.mesh)(params, inputs, options)
 
 
-def _generate_program(params, config, prompts, lengths, source, source_lengths, key, eos_id, pad_id, *,
-                      sampler, max_new_tokens, capacity, use_cache, return_logits, mesh=None,
-                      tuning: Tuning):
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """The static choices of one `generate` program (hashable: the jit key, with the tuning).
+
+    config; max_new_tokens; capacity (cache slots); sampler; use_cache (False: the uncached
+    baseline); return_logits; mesh (the params' mesh, or None).
+    """
+
+    config: Any
+    max_new_tokens: int
+    capacity: int
+    sampler: Any = Greedy()
+    use_cache: bool = True
+    return_logits: bool = False
+    mesh: Any = None
+
+
+def prefill_inputs(params, inputs: "DecodeInputs", options, tuning: Tuning, use_cache: bool = True):
+    """Inside a decode program: the inputs constrained to the mesh, the decode params (for the
+    cached path, laid out before the prefill so that it reads the same layout), and the prefill's
+    logits, state and step function."""
+    mesh, config = options.mesh, options.config
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
-        mesh, params, (prompts, lengths, source, source_lengths))
-    if use_cache:  # before the prefill, so that it reads the same layout
-        params = decode_params_for(params, config, prompts.shape[0], mesh, tuning)
+        mesh, params, (inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths))
+    inputs = inputs.replace(prompts=prompts, lengths=lengths, source=source, source_lengths=source_lengths)
+    rows = inputs.prompts.shape[0] * getattr(options, "beam_size", 1)
+    if use_cache:
+        params = decode_params_for(params, config, rows, mesh, tuning)
     elif isinstance(params, DecodeParams):
         params = params.params
-    logits, state, step = prefill_and_step(params, config, prompts, lengths, capacity, source,
-                                           source_lengths, use_cache, tuning)
-    step = sharding.sharded_step(step, mesh)
+    logits, state, step = prefill_and_step(params, config, inputs.prompts, inputs.lengths, options.capacity,
+                                           inputs.source, inputs.source_lengths, use_cache, tuning)
+    return params, inputs, logits, state, sharding.sharded_step(step, mesh)
+
+
+def _generate_program(params, inputs: "DecodeInputs", options: DecodeOptions, *, tuning: Tuning) -> GenerateResult:
+    params, inputs, logits, state, step = prefill_inputs(params, inputs, options, tuning, options.use_cache)
     return decode_loop(
-        lambda p, c, t, pos: step(p, config, c, t, pos),
-        params, sharding.constrain_caches(state, mesh), logits, lengths, sampler=sampling.tuned(sampler, tuning),
-        key=key, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, return_logits=return_logits,
+        lambda p, c, t, pos: step(p, options.config, c, t, pos),
+        params, sharding.constrain_caches(state, options.mesh), logits, inputs.lengths,
+        sampler=sampling.tuned(options.sampler, tuning), key=inputs.key, max_new_tokens=options.max_new_tokens,
+        eos_id=inputs.eos_id, pad_id=inputs.pad_id, return_logits=options.return_logits,
     )
 
 
-_generate = DecodeProgram(_generate_program, static_argnames=(
-    "config", "sampler", "max_new_tokens", "capacity", "use_cache", "return_logits", "mesh"))
+_generate = DecodeProgram(_generate_program, static_argnames=("options",))
 
 
 def fill_generate_defaults(prompts, prompt_lengths, max_new_tokens: int, capacity, key, eos_id):
@@ -360,10 +386,11 @@ def _pad_to(prompts, width: int):
     return jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, width - P)))
 
 
-class DecodeInputs(NamedTuple):
-    """Validated device inputs of a decode: prompts int32 [B, capacity - max_new_tokens]
-    (right-padded), lengths int32 [B], source / source_lengths (encoder-decoder, else None),
-    key, eos_id int32 [] (-1: none), pad_id int32 []."""
+@flax.struct.dataclass
+class DecodeInputs:
+    """Validated device inputs of a decode program (a pytree): prompts int32 [B, capacity -
+    max_new_tokens] (right-padded), lengths int32 [B], source / source_lengths (encoder-decoder,
+    else None), key, eos_id int32 [] (-1: none), pad_id int32 []."""
 
     prompts: jax.Array
     lengths: jax.Array
@@ -374,8 +401,9 @@ class DecodeInputs(NamedTuple):
     pad_id: jax.Array
 
 
-def prepare_inputs(params, config, prompts, prompt_lengths, source, source_lengths, max_new_tokens,
-                   capacity, sampler, key, eos_id, pad_id) -> tuple[DecodeInputs, int]:
+def prepare_inputs(params, config, prompts, prompt_lengths=None, *, source=None, source_lengths=None,
+                   max_new_tokens: int, capacity=None, sampler=Greedy(), key=None, eos_id=None,
+                   pad_id: int = 0) -> tuple[DecodeInputs, int]:
     """Host checks shared by `generate` and `beam_search` (ValueError before any compute), then
     the arrays their compiled programs take, and the resolved capacity."""
     prompts, prompt_lengths = checks.as_array(prompts), checks.as_array(prompt_lengths)
@@ -456,10 +484,9 @@ def generate(
       ids, lengths, sizes, samplers or special ids.
     """
     check_layout(params, config, mesh, use_cache)
-    inputs, capacity = prepare_inputs(params, config, prompts, prompt_lengths, source, source_lengths,
-                                      max_new_tokens, capacity, sampler, key, eos_id, pad_id)
-    return _generate(
-        params, config, inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths, inputs.key,
-        inputs.eos_id, inputs.pad_id, sampler=sampler, max_new_tokens=max_new_tokens,
-        capacity=capacity, use_cache=use_cache, return_logits=return_logits, mesh=mesh,
-    )
+    inputs, capacity = prepare_inputs(params, config, prompts, prompt_lengths, source=source,
+                                      source_lengths=source_lengths, max_new_tokens=max_new_tokens,
+                                      capacity=capacity, sampler=sampler, key=key, eos_id=eos_id, pad_id=pad_id)
+    options = DecodeOptions(config=config, max_new_tokens=max_new_tokens, capacity=capacity, sampler=sampler,
+                            use_cache=use_cache, return_logits=return_logits, mesh=mesh)
+    return _generate(params, inputs, options)

@@ -194,11 +194,11 @@ def check_decoding():
     mesh = jaxdec.make_mesh(2, 2, 2)
     placed = jaxdec.shard_params(params, mesh)
     capacity = prompts.shape[1] + new
-    hlo = decode._generate.for_inputs(placed, mesh).lower(
-        placed, MC, jnp.asarray(prompts), jnp.asarray(lengths), None, None, jax.random.key(0),
-        jnp.asarray(-1, jnp.int32), jnp.asarray(0, jnp.int32), sampler=jaxdec.Greedy(),
-        max_new_tokens=new, capacity=capacity, use_cache=True, return_logits=False,
-        mesh=mesh).compile().as_text()
+    inputs = decode.DecodeInputs(prompts=jnp.asarray(prompts), lengths=jnp.asarray(lengths), source=None,
+                                 source_lengths=None, key=jax.random.key(0), eos_id=jnp.asarray(-1, jnp.int32),
+                                 pad_id=jnp.asarray(0, jnp.int32))
+    options = decode.DecodeOptions(config=MC, max_new_tokens=new, capacity=capacity, mesh=mesh)
+    hlo = decode._generate.for_inputs(placed, mesh).lower(placed, inputs, options).compile().as_text()
     cache_shape = (MC.num_layers, 8, MC.kv_heads, capacity, MC.head_dim)
     per_device_cache = (MC.num_layers, 2, 1, capacity, MC.head_dim)
     forbidden = {cache_shape, cache_shape[1:], per_device_cache[1:]}

@@ -334,7 +334,7 @@ def test_cpu_decode_options_change_kernels_not_results(params_for, base_config, 
     tuned_result, args, kw = _recorded_generate(params, base_config, monkeypatch)
     tuned = tuning.for_arrays(params)
     defaults = dataclasses.replace(tuned, decode_compiler_options=())
-    tuned_hlo = decode._generate.for_inputs(args[0], kw["mesh"]).lower(*args, **kw).compile().as_text()
+    tuned_hlo = decode._generate.for_inputs(args[0], args[2].mesh).lower(*args, **kw).compile().as_text()
     default_hlo = decode._generate.for_tuning(defaults).lower(*args, **kw).compile().as_text()
     default_result = decode._generate.for_tuning(defaults)(*args, **kw)
     options = tuned.decode_compiler_options

@@ -38,14 +38,14 @@ def _export(fn, platform: str, *args, **kwargs) -> str:
 
 
 def _generate_args(config, B=2, P=5, new=4):
+    """(params, DecodeInputs) and the static sizes of a small decode."""
     params = jaxdec.init_params(config, jax.random.key(0))
-    prompts = jnp.ones((B, P), jnp.int32)
-    lengths = jnp.array([P, 3][:B], jnp.int32)
     source = jnp.ones((B, 6), jnp.int32) if isinstance(config, Seq2SeqConfig) else None
-    source_lengths = jnp.array([6, 4][:B], jnp.int32) if source is not None else None
-    args = (params, config, prompts, lengths, source, source_lengths, jax.random.key(1),
-            jnp.asarray(-1, jnp.int32), jnp.asarray(0, jnp.int32))
-    return args, dict(max_new_tokens=new, capacity=P + new)
+    inputs = decode.DecodeInputs(
+        prompts=jnp.ones((B, P), jnp.int32), lengths=jnp.array([P, 3][:B], jnp.int32), source=source,
+        source_lengths=jnp.array([6, 4][:B], jnp.int32) if source is not None else None,
+        key=jax.random.key(1), eos_id=jnp.asarray(-1, jnp.int32), pad_id=jnp.asarray(0, jnp.int32))
+    return (params, inputs), dict(config=config, max_new_tokens=new, capacity=P + new)
 
 
 def test_accelerators_get_the_plain_tuning_and_cpu_its_own():
@@ -66,11 +66,11 @@ def test_generate_lowers_for_accelerators_with_no_custom_call(platform, config, 
     """`generate`'s program (prefill + while loop) for the platform's tuning: no custom call,
     and a different program from the CPU-tuned one (the tuning is part of what is compiled)."""
     args, static = _generate_args(config)
+    options = decode.DecodeOptions(sampler=sampler, **static)
     program = decode._generate.for_tuning(tuning.for_platform(platform))
-    text = _export(program, platform, *args, sampler=sampler, use_cache=True, return_logits=False, **static)
+    text = _export(program, platform, *args, options)
     assert _custom_calls(text) == [], _custom_calls(text)
-    cpu_text = _export(decode._generate.for_tuning(tuning.CPU), platform, *args, sampler=sampler,
-                       use_cache=True, return_logits=False, **static)
+    cpu_text = _export(decode._generate.for_tuning(tuning.CPU), platform, *args, options)
     assert cpu_text != text
 
 
@@ -79,8 +79,8 @@ def test_beam_search_forward_and_train_step_lower_for_accelerators(platform):
     """beam_search, forward and train_step (float32 and bfloat16 compute) lower with no custom call."""
     t = tuning.for_platform(platform)
     args, static = _generate_args(DECODER)
-    text = _export(beam._beam_search.for_tuning(t), platform, *args, beam_size=2, length_penalty=1.0,
-                   early_stopping=False, sampler=Greedy(), **static)
+    options = beam.BeamOptions(beam_size=2, **static)
+    text = _export(beam._beam_search.for_tuning(t), platform, *args, options)
     assert _custom_calls(text) == []
     params = args[0]
     tokens = jnp.ones((2, 8), jnp.int32)

@@ -150,10 +150,11 @@ def test_cross_kv_projected_once_per_sequence(cache_cross):
     params = _params(config)
     kv_shape = params["decoder"]["layers"]["cross"]["kv"].shape  # [L, D, 2KH]
     if cache_cross:
+        options = jaxdec.decode.DecodeOptions(config=config, max_new_tokens=NEW, capacity=3 + NEW)
         program = lambda p, s, sl, pr, pl: jaxdec.decode._generate(  # noqa: E731
-            p, config, pr, pl, s, sl, jax.random.key(0), jnp.int32(-1), jnp.int32(0),
-            sampler=jaxdec.Greedy(), max_new_tokens=NEW, capacity=3 + NEW, use_cache=True,
-            return_logits=False)
+            p, jaxdec.decode.DecodeInputs(prompts=pr, lengths=pl, source=s, source_lengths=sl,
+                                          key=jax.random.key(0), eos_id=jnp.int32(-1), pad_id=jnp.int32(0)),
+            options)
     else:
         program = lambda p, s, sl, pr, pl: bench.generate_cross_recomputed(  # noqa: E731
             p, config, pr, s, sl, pl, max_new_tokens=NEW)
