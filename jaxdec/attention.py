@@ -208,7 +208,7 @@ def chunked_sum(x: jax.Array, axis: int, chunk: int = 32) -> jax.Array:
     Over the minor (last) axis the chunks are slices of `chunk` (the last one shorter); over
     another axis, a reshape into chunks of the largest divisor of its length that fits (a length
     with no such divisor, or more than 8 chunks, is summed whole). Each axis gets the form that
-    ran the decode step's attention faster on CPU (`python -m jaxdec.bench decode --batches 8`).
+    ran the decode step's attention faster on CPU (`python -m jaxdec.tools.bench decode --batches 8`).
     """
     axis = axis % x.ndim
     n = x.shape[axis]
@@ -331,7 +331,7 @@ def attend_cache(
     if capacity <= block_size:
         # A decode step over a small cache: its one block, read in place, with no loop. (The
         # plain attention above reads the layer through dots, which copy it out of the cache
-        # first; `python -m jaxdec.bench gpt2 --batches 8` measures the difference.)
+        # first; `python -m jaxdec.tools.bench gpt2 --batches 8` measures the difference.)
         _, row_sum, acc = block(0, init)
     else:
         earliest = jnp.min(starts)

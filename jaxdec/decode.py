@@ -100,7 +100,7 @@ def decode_params(params, config: DecoderConfig | Seq2SeqConfig) -> DecodeParams
 
     Every decode program otherwise lays the weights out anew on each call, because on CPU a
     loop cannot read layer i of a stacked [L, ...] weight in place. For a large model each call
-    then pays for that copy into fresh memory (`python -m jaxdec.bench gpt2` decodes both ways).
+    then pays for that copy into fresh memory (`python -m jaxdec.tools.bench gpt2` decodes both ways).
     The result holds its own copy of the weights: memory holds both layouts for as long as both
     are referenced. ValueError if params do not match config.
     """

@@ -271,7 +271,7 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
 
     The rows are flattened first: a 2-D [B*T, I] x [I, O] matmul, whose weight gradient is one
     [I, B*T] x [B*T, O] dot. With a [B,T,I] einsum XLA's CPU backend contracted two axes for it
-    and added layout copies (`python -m jaxdec.bench train` measures the step).
+    and added layout copies (`python -m jaxdec.tools.bench train` measures the step).
     """
     B, T, I = x.shape
     y = jnp.matmul(x.reshape(B * T, I), w.astype(x.dtype)).reshape(B, T, -1)  # [B, T, O]

@@ -411,7 +411,7 @@ def decode_params(params: dict, config, batch: int, tuning: Tuning = PLAIN) -> d
 
     The tied head multiplies a few rows by the [V, D] embedding contracted on its minor axis.
     On CPU that matmul runs slower than the same one against a [D, V] weight for 2 to 16 rows
-    (`python -m jaxdec.bench gpt2`, batch 8), so the loop reads a copy made once per call. One
+    (`python -m jaxdec.tools.bench gpt2`, batch 8), so the loop reads a copy made once per call. One
     row (a matrix-vector product) reads [V, D] as fast, and keeps it without the copy.
     """
     out = dict(params)

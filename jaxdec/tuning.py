@@ -10,7 +10,7 @@ platforms never share a program, and a test can compile any tuning without touch
 Results do not depend on the tuning beyond float rounding: tokens, losses and dropout masks are
 the same under every tuning (dropout draws per row, not per row group).
 
-`CPU` holds the choices measured on 2-core x86 CPUs (`python -m jaxdec.bench decode | train |
+`CPU` holds the choices measured on 2-core x86 CPUs (`python -m jaxdec.tools.bench decode | train |
 gpt2 | scaling`; the figures are in docs/performance.md). Every other platform gets `PLAIN`:
 einsum dots, `jnp.argmax`, scanned layers, one causal pass, one row group and XLA's default
 compiler options, until a measurement on that platform says otherwise.

@@ -19,7 +19,6 @@ otherwise change the last token.
 
 from __future__ import annotations
 
-import ast
 import inspect
 import io
 import json
@@ -38,7 +37,6 @@ transformers = pytest.importorskip(
 pytest.importorskip("safetensors", reason="checkpoint folders need safetensors")
 
 import jaxdec  # noqa: E402
-import jaxdec.convert  # noqa: E402
 import jaxdec.hf  # noqa: E402
 from jaxdec.config import DecoderConfig, Seq2SeqConfig  # noqa: E402
 
@@ -532,39 +530,6 @@ def test_bin_without_torch_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     with pytest.raises(ImportError, match="needs torch"):
         jaxdec.hf.from_gpt2(tmp_path)
-
-
-def test_convert_module_re_exports_jaxdec_hf():
-    """`jaxdec.convert` stays for older callers: the same objects as `jaxdec.hf`."""
-    for name in ("from_gpt2", "from_marian", "special_ids", "SpecialIds", "load_checkpoint",
-                 "Checkpoint", "load_state_dict"):
-        assert getattr(jaxdec.convert, name) is getattr(jaxdec.hf, name), name
-
-
-# The tools beside the library (benchmarks, run loop, reports) may use jaxdec.hf; the library may not.
-TOOLS = ("bench.py", "explain.py", "trainer.py", "report.py", "convert.py")
-
-
-def test_the_library_never_imports_jaxdec_hf():
-    """Imports flow one way: jaxdec.hf and the tools use the library, never the reverse."""
-    package = os.path.dirname(jaxdec.__file__)
-    for root, _, files in os.walk(package):
-        if os.path.relpath(root, package).split(os.sep)[0] == "hf":
-            continue
-        for name in files:
-            path = os.path.join(root, name)
-            if not name.endswith(".py") or (root == package and name in TOOLS):
-                continue
-            with open(path, encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Import):
-                    modules = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.module:
-                    modules = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-                else:
-                    continue
-                assert not any(m == "jaxdec.hf" or m.startswith("jaxdec.hf.") for m in modules), path
 
 
 # --- the CLI, end to end ----------------------------------------------------------------------

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import jaxdec
-from jaxdec import bench, seq2seq
+from jaxdec import seq2seq
+from jaxdec.tools.bench import baselines
 
 V = 40
 CONFIGS = {
@@ -74,7 +75,7 @@ def test_cached_equals_uncached_and_full_forward(model):
     config, params = model
     cached = _generate(params, config)
     uncached = _generate(params, config, use_cache=False)
-    recomputed_cross = bench.generate_cross_recomputed(
+    recomputed_cross = baselines.generate_cross_recomputed(
         params, config, PROMPTS, SOURCE, SOURCE_LENGTHS, PROMPT_LENGTHS, max_new_tokens=NEW,
         return_logits=True)
     chex.assert_shape(cached.tokens, (3, NEW))
@@ -156,7 +157,7 @@ def test_cross_kv_projected_once_per_sequence(cache_cross):
                                           key=jax.random.key(0), eos_id=jnp.int32(-1), pad_id=jnp.int32(0)),
             options)
     else:
-        program = lambda p, s, sl, pr, pl: bench.generate_cross_recomputed(  # noqa: E731
+        program = lambda p, s, sl, pr, pl: baselines.generate_cross_recomputed(  # noqa: E731
             p, config, pr, s, sl, pl, max_new_tokens=NEW)
     jaxpr = jax.make_jaxpr(program)(params, SOURCE, SOURCE_LENGTHS, PROMPTS, PROMPT_LENGTHS).jaxpr
     encoder_scan, prefill_loop, decode_loop = list(_outer_loops(jaxpr))

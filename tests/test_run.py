@@ -1,5 +1,5 @@
-"""The training run behind train.py: resume, corrupt checkpoints, refused input, run folders that
-are never written over by accident, the CLI."""
+"""The training run behind train.py (jaxdec.tools.run, jaxdec.tools.run_folder): resume, corrupt
+checkpoints, refused input, run folders that are never written over by accident, the CLI."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import sys
 
 import pytest
 
-from jaxdec import checkpoint, report
+from jaxdec import checkpoint
 from jaxdec.config import DecoderConfig, TrainConfig
-from jaxdec.trainer import DATES_PRESETS, PRESETS, RunConfig, Seq2SeqRunConfig, run, run_name, validate
+from jaxdec.tools import metrics
+from jaxdec.tools.run import DATES_PRESETS, PRESETS, RunConfig, Seq2SeqRunConfig, run, validate
+from jaxdec.tools.run_folder import check_run_folder, run_name
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEXT = "def f(x):\n    return x + 1  # 한국어 주석\n" * 200
@@ -35,7 +37,7 @@ def _cfg(tmp_path, **overrides) -> RunConfig:
 
 def _train_records(cfg: RunConfig) -> list[dict]:
     path = pathlib.Path(cfg.runs_dir) / cfg.name / "metrics.jsonl"
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in report.read(path) if "loss" in r]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics.read(path) if "loss" in r]
 
 
 @pytest.mark.slow  # two training runs end to end
@@ -108,37 +110,37 @@ def test_out_of_range_ids_in_the_data_path_are_refused(tmp_path, monkeypatch):
     data path refuses it before the step."""
     import numpy as np
 
-    from jaxdec import trainer
+    from jaxdec.tools import run as run_loop
 
     def bad_batch(self, step):
         tokens = np.full((4, 17), 7, np.int32)
         tokens[2, 5] = 300
         return {"tokens": tokens}
 
-    monkeypatch.setattr(trainer.LMTask, "train_batch", bad_batch)
-    monkeypatch.setattr(trainer, "train_step", lambda *a: pytest.fail("the step ran on bad data"))
+    monkeypatch.setattr(run_loop.LMTask, "train_batch", bad_batch)
+    monkeypatch.setattr(run_loop, "train_step", lambda *a: pytest.fail("the step ran on bad data"))
     with pytest.raises(ValueError, match=r"batch\['tokens'\] holds token id 300, outside \[0, vocab_size=259\)"):
         run(_cfg(tmp_path, checkpoint_every=0))
 
 
 def test_samples_from_non_finite_params_raise(monkeypatch):
-    """NaN parameters make every logit NaN; the trainer's samples must say so, not print the
+    """NaN parameters make every logit NaN; the run's samples must say so, not print the
     tokens argmax picks from NaN."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxdec import trainer
+    from jaxdec.tools import run as run_loop
     from jaxdec.training import create_train_state
 
     cfg = DecoderConfig(vocab_size=259, num_layers=1, d_model=32, num_heads=2, max_len=32)
     state = create_train_state(cfg, TrainConfig(warmup_steps=2, decay_steps=20), jax.random.key(0))
     prompts = [np.array([1, 70, 71], np.int32), np.array([1, 72], np.int32)]
-    assert len(trainer.sample_texts(state, prompts, 4, jax.random.key(1))) == 2
+    assert len(run_loop.sample_texts(state, prompts, 4, jax.random.key(1))) == 2
     nan_params = dict(state.params, embed=state.params["embed"].at[70].set(jnp.nan))
     # Tied head: the NaN embedding row is also a NaN logit column, so both rows are flagged.
     with pytest.raises(FloatingPointError, match=r"NaN or inf for row\(s\) \[0, 1\] of 2"):
-        trainer.sample_texts(state.replace(params=nan_params), prompts, 4, jax.random.key(1))
+        run_loop.sample_texts(state.replace(params=nan_params), prompts, 4, jax.random.key(1))
 
 
 # --- run folders: a run is continued only with --resume and the same config, replaced only with
@@ -152,10 +154,10 @@ def _snapshot(folder: pathlib.Path) -> dict[str, bytes]:
 
 def _no_data_or_compute(monkeypatch):
     """A refused run must stop before loading data or building a model."""
-    from jaxdec import trainer
+    from jaxdec.tools import run as run_loop
 
-    monkeypatch.setattr(trainer, "load_corpus", lambda cfg: pytest.fail("data loaded"))
-    monkeypatch.setattr(trainer, "create_train_state", lambda *a, **k: pytest.fail("model built"))
+    monkeypatch.setattr(run_loop, "load_corpus", lambda cfg: pytest.fail("data loaded"))
+    monkeypatch.setattr(run_loop, "create_train_state", lambda *a, **k: pytest.fail("model built"))
 
 
 def _small_run(tmp_path, **overrides) -> RunConfig:
@@ -195,7 +197,7 @@ def test_overwrite_replaces_the_earlier_run(tmp_path, capsys):
     saved = json.loads((folder / "config.json").read_text())
     assert saved["steps"] == 2 and saved["train"]["learning_rate"] == 1e-3
     assert checkpoint.all_steps(folder / "checkpoints") == [2]  # the first run's step 4 is gone
-    assert max(r["step"] for r in report.read(folder / "metrics.jsonl")) == 2
+    assert max(r["step"] for r in metrics.read(folder / "metrics.jsonl")) == 2
     assert (folder / "notes-of-mine.txt").read_text() == "not written by train.py"
 
 
@@ -230,8 +232,6 @@ def test_resume_continues_a_matching_run_and_refuses_a_different_one(tmp_path, m
 
 
 def test_resume_of_an_empty_or_missing_folder_starts_fresh(tmp_path):
-    from jaxdec.trainer import check_run_folder
-
     cfg = _small_run(tmp_path, resume=True)
     assert check_run_folder(cfg).resume is False  # no folder
     (tmp_path / "runs" / "corpus").mkdir(parents=True)
@@ -243,8 +243,6 @@ def test_resume_checks_against_the_saved_config_json(tmp_path):
     """The check alone, on a folder written by hand: fields outside RESUMABLE_FIELDS must match;
     a field the saved file lacks counts as its default; steps may not fall below the newest
     checkpoint."""
-    from jaxdec.trainer import check_run_folder
-
     cfg = _small_run(tmp_path, name="r", resume=True)
     folder = tmp_path / "runs" / "r"
     (folder / "checkpoints" / "3").mkdir(parents=True)
