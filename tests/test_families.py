@@ -259,6 +259,7 @@ def test_special_ids(family, case):
 # --- (b) greedy == HF generate; (c) cached == uncached ------------------------------------------
 
 
+@pytest.mark.slow  # transformers' generate of 32 tokens on every family
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_matches_hf_generate(family, case):
     """(b) 32 greedy tokens: jaxdec on right-padded prompts + lengths, HF on the same prompts
@@ -279,6 +280,7 @@ def test_greedy_matches_hf_generate(family, case):
 UNCACHED_CASES = [c for c in CASES if c not in ("llama_bias", "qwen2")]
 
 
+@pytest.mark.slow  # two decode programs per family
 @pytest.mark.parametrize("case", UNCACHED_CASES)
 def test_cached_equals_uncached(family, case):
     """(c) Cached generate == the uncached baseline (use_cache=False): tokens identical (or a

@@ -588,6 +588,7 @@ def hf_ref():
 
 
 @_needs_real
+@pytest.mark.slow  # transformers' own GGUF loader on the 98 MB file
 def test_real_tensors_equal_transformers(real, hf_ref):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -599,6 +600,7 @@ def test_real_tensors_equal_transformers(real, hf_ref):
 
 
 @_needs_real
+@pytest.mark.slow  # transformers' own GGUF loader on the 98 MB file
 def test_real_config_equals_transformers(real, hf_ref):
     cfg = hf_ref[0]
     fields = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -614,6 +616,7 @@ def test_real_config_equals_transformers(real, hf_ref):
 
 
 @_needs_real
+@pytest.mark.slow  # transformers' own GGUF loader on the 98 MB file
 def test_real_tokenizer_equals_transformers(real, hf_ref):
     tok, ref = real.tokenizer, hf_ref[1]
     prompt = render_chat(real.chat_template, _QUESTION)
@@ -626,6 +629,7 @@ def test_real_tokenizer_equals_transformers(real, hf_ref):
 
 
 @_needs_real
+@pytest.mark.slow  # transformers' own GGUF loader on the 98 MB file
 def test_real_tokenizer_isolates_digits_like_llama_cpp(real, hf_ref):
     """Where transformers differs, the ids are those of llama.cpp's split: pieces cut at digits,
     each piece tokenized by GPT-2's regex (which transformers' tokenizer applies)."""
@@ -637,6 +641,7 @@ def test_real_tokenizer_isolates_digits_like_llama_cpp(real, hf_ref):
 
 
 @_needs_real
+@pytest.mark.slow  # transformers' own GGUF loader on the 98 MB file
 def test_real_chat_template_equals_transformers(real, hf_ref):
     want = hf_ref[1].apply_chat_template(_QUESTION, tokenize=False, add_generation_prompt=True)
     assert render_chat(real.chat_template, _QUESTION, add_generation_prompt=True) == want

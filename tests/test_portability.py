@@ -74,6 +74,7 @@ def test_generate_lowers_for_accelerators_with_no_custom_call(platform, config, 
     assert cpu_text != text
 
 
+@pytest.mark.slow  # a beam search and two train steps lowered per platform
 @pytest.mark.parametrize("platform", ACCELERATORS)
 def test_beam_search_forward_and_train_step_lower_for_accelerators(platform):
     """beam_search, forward and train_step (float32 and bfloat16 compute) lower with no custom call."""
