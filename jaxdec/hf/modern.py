@@ -51,7 +51,6 @@ from jaxdec.hf.mapping import (
     _need,
     _same,
     _stack_layers,
-    _strip,
     _t,
     _tie,
 )
