@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdec import layers
+
 
 def causal_mask(query_len: int, key_len: int | None = None, offset: int | jax.Array = 0) -> jax.Array:
     """Lower-triangular mask: query i (at absolute position offset + i) sees keys 0 .. offset + i.
@@ -147,7 +149,7 @@ def attend(
     # Multi-head attention (G == 1) keeps 4-D operands: the grouped 5-D form costs layout copies.
     qd, kvd, sd = ("BTKH", kv, "BKTS") if G == 1 else ("BTKGH", kv, "BKGTS")
     q = (q if G == 1 else q.reshape(B, T, K, G, H)) * jnp.asarray(H**-0.5 if scale is None else scale, q.dtype)
-    scores = _softcap(jnp.einsum(f"{qd},{kvd}->{sd}", q, k), softcap)  # [B, K, (G,) T, S]
+    scores = layers.softcap(jnp.einsum(f"{qd},{kvd}->{sd}", q, k), softcap)  # [B, K, (G,) T, S]
     if mask is not None:
         mask = jnp.broadcast_to(mask, (B, T, S))
         if zero_unseen_values:  # a probability of 0 times NaN or inf would still poison the output
@@ -160,11 +162,6 @@ def attend(
     if return_probs:
         return out, probs.reshape(B, N, T, S)
     return out
-
-
-def _softcap(scores: jax.Array, cap: float | None) -> jax.Array:
-    """cap * tanh(scores / cap) in float32; scores unchanged for None."""
-    return scores if cap is None else cap * jnp.tanh(scores.astype(jnp.float32) / cap)
 
 
 def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, query_block: int,
@@ -312,7 +309,7 @@ def attend_cache(
             scores = chunked_sum(prod, axis=-1, chunk=sum_chunk)[:, :, :, None, :]  # [B, K, G, 1, S]
         else:
             scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k_b).astype(jnp.float32)
-        scores = jnp.where(allowed[:, None, None], _softcap(scores, softcap), -jnp.inf)
+        scores = jnp.where(allowed[:, None, None], layers.softcap(scores, softcap), -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1))
         shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # no -inf - -inf
         probs = jnp.exp(scores - shift[..., None])  # 0 at masked slots

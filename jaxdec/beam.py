@@ -131,7 +131,7 @@ def _beam_search_program(params, inputs: DecodeInputs, options: BeamOptions, *, 
     config, mesh = options.config, options.mesh
     B, W, new = inputs.prompts.shape[0], options.beam_size, options.max_new_tokens
     fam = family.of(config)
-    params, inputs, logits, cache, step = prefill_inputs(params, inputs, options, tuning)
+    params, inputs, logits, cache, step = prefill_inputs(params, inputs, options, tuning, rows_per_prompt=W)
     lengths, key, eos_id, pad_id = inputs.lengths, inputs.key, inputs.eos_id, inputs.pad_id
     state = BeamState(
         cache=sharding.constrain_caches(fam.repeat_rows(cache, W), mesh),

@@ -291,15 +291,17 @@ class DecodeOptions:
     mesh: Any = None
 
 
-def prefill_inputs(params, inputs: "DecodeInputs", options, tuning: Tuning, use_cache: bool = True):
+def prefill_inputs(params, inputs: "DecodeInputs", options, tuning: Tuning, use_cache: bool = True,
+                   rows_per_prompt: int = 1):
     """Inside a decode program: the inputs constrained to the mesh, the decode params (for the
-    cached path, laid out before the prefill so that it reads the same layout), and the prefill's
-    logits, state and step function."""
+    cached path, laid out before the prefill so that it reads the same layout, for a loop over
+    rows_per_prompt rows per prompt: beam search's beams), and the prefill's logits, state and
+    step function."""
     mesh, config = options.mesh, options.config
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
         mesh, params, (inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths))
     inputs = inputs.replace(prompts=prompts, lengths=lengths, source=source, source_lengths=source_lengths)
-    rows = inputs.prompts.shape[0] * getattr(options, "beam_size", 1)
+    rows = inputs.prompts.shape[0] * rows_per_prompt
     if use_cache:
         params = decode_params_for(params, config, rows, mesh, tuning)
     elif isinstance(params, DecodeParams):

@@ -138,18 +138,15 @@ def rope_frequencies(rotary_dim: int, base: float, scaling=None) -> tuple[jax.Ar
     return jnp.asarray(freqs.astype(np.float32)), float(attention_factor)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0, *,
-         freqs: jax.Array | None = None, multiplier: jax.Array | float = 1.0) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, freqs: jax.Array, multiplier: jax.Array | float = 1.0) -> jax.Array:
     """Rotary position embedding, rotate-half convention (GPT-NeoX, Llama).
 
     x [B,T,N,H], positions int [B,T] -> [B,T,N,H]. With freqs float32 [R/2] (R <= H, from
     `rope_frequencies`), channel pair (i, i + R/2) of the first R channels is rotated by
     position * freqs[i] and the last H - R channels pass through unchanged (partial rotary);
-    cos and sin are times `multiplier`. Without freqs, R = H and freqs[i] = base^(-2i/H).
+    cos and sin are times `multiplier`.
     """
     H = x.shape[-1]
-    if freqs is None:
-        freqs, _ = rope_frequencies(H, base)
     R = 2 * freqs.shape[-1]
     angles = positions.astype(jnp.float32)[..., None, None] * freqs[None, None, None, :]  # [B, T, 1, R/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -200,8 +197,9 @@ def norm(kind: str, p: dict, x: jax.Array, eps: float) -> jax.Array:
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    """cap * tanh(x / cap) (Gemma 2's soft-capping of scores and logits); identity for None."""
-    return x if cap is None else cap * jnp.tanh(x / cap)
+    """cap * tanh(x / cap) in float32 (Gemma 2's soft-capping of scores and logits); x unchanged
+    for None."""
+    return x if cap is None else cap * jnp.tanh(x.astype(jnp.float32) / cap)
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:

@@ -186,14 +186,13 @@ def _qk_norm(p: dict, config, q: jax.Array, k: jax.Array):
     return q, k
 
 
-def self_qkv(p: dict, config, h: jax.Array, positions: jax.Array, consts: LayerConstants | None = None):
+def self_qkv(p: dict, config, h: jax.Array, positions: jax.Array, consts: LayerConstants):
     """h [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H], qk-normed and rotated (RoPE) if configured.
 
-    consts: this layer's row of `layer_constants` (None: computed for a uniform stack)."""
+    consts: this layer's row of `layer_constants`."""
     q, k, v = layers.project_qkv(p, h, config.num_heads, config.kv_heads)
     q, k = _qk_norm(p, config, q, k)
     if config.position == "rope":
-        consts = layer_constants(config).layer(0) if consts is None else consts
         q = layers.rope(q, positions, freqs=consts.freqs, multiplier=consts.rope_mult)
         k = layers.rope(k, positions, freqs=consts.freqs, multiplier=consts.rope_mult)
     return q, k, v

@@ -88,7 +88,7 @@ class Tuning:
 # The plain forms: every platform without measurements of its own.
 PLAIN = Tuning()
 
-# Measured on 2-core x86 CPUs (AMD Zen 3 / Zen 5, Intel Xeon); docs/performance.md.
+# Chosen by measurements on 2-core x86 CPUs (docs/performance.md has the figures and machines).
 CPU = Tuning(
     layer_unroll=4,
     split_layers_max=16,

@@ -41,7 +41,7 @@ NEAR_TIE = 1e-3  # a float32 top-2 logit gap below this may flip between two exa
 @pytest.fixture(scope="module")
 def loaded():
     ckpt, tok, template = cli.load(gguf=PATH)
-    prompts = [tok.encode(cli.chat_prompt(template, q, tok)) for q in QUESTIONS]
+    prompts = [tok.encode(cli.chat_prompt(template, q, tok, ckpt.special)) for q in QUESTIONS]
     return ckpt, prompts
 
 

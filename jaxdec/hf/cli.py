@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxdec import decode, family
 from jaxdec.beam import beam_search
-from jaxdec.hf.loading import Checkpoint, load_checkpoint, load_gguf
+from jaxdec.hf.loading import Checkpoint, SpecialIds, load_checkpoint, load_gguf
 from jaxdec.sampling import Greedy, Temperature, TopK, TopP
 
 NEG_BIAS = -1.0e9  # a banned token's logit bias: finite, so no inf - inf NaNs
@@ -124,15 +124,16 @@ def folder_chat_template(folder: str) -> str | None:
     return None
 
 
-def chat_prompt(template: str | None, text: str, tok) -> str:
-    """`text` as one user message through the chat template, ready for the assistant's reply."""
+def chat_prompt(template: str | None, text: str, tok, special: SpecialIds) -> str:
+    """`text` as one user message through the chat template, ready for the assistant's reply;
+    the template's bos_token / eos_token are the model's special ids as the tokenizer spells them."""
     from jaxdec.hf.gguf import render_chat
 
     if template is None:
         raise ValueError("--chat needs a chat template, and this model has none")
-    special = lambda i: "" if i is None else tok.tok.id_to_token(i)  # noqa: E731
+    spell = lambda i: "" if i is None else tok.tok.id_to_token(i)  # noqa: E731
     return render_chat(template, [{"role": "user", "content": text}], add_generation_prompt=True,
-                       bos_token=special(getattr(tok, "bos_id", None)), eos_token=special(getattr(tok, "eos_id", None)))
+                       bos_token=spell(special.bos_id), eos_token=spell(special.eos_id))
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -179,7 +180,6 @@ def load(checkpoint: str | None = None, gguf: str | None = None):
         ckpt = load_checkpoint(checkpoint)
         tok = load_tokenizer(checkpoint, ckpt.model_type)
         template = folder_chat_template(checkpoint) if ckpt.model_type != "marian" else None
-    tok.bos_id, tok.eos_id = ckpt.special.bos_id, ckpt.special.eos_id
     return ckpt, tok, template
 
 
@@ -195,7 +195,7 @@ def run(checkpoint: str | None, texts: list[str], *, max_new_tokens: int = 64, b
     """
     ckpt, tok, template = load(checkpoint, gguf)
     if chat:
-        texts = [chat_prompt(template, t, tok) for t in texts]
+        texts = [chat_prompt(template, t, tok, ckpt.special) for t in texts]
     gen = ckpt.generation
     if beams is None:  # the folder's num_beams, unless sampling was asked for
         beams = 1 if sampler.stochastic else int(gen.get("num_beams") or 1)

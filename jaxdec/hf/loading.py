@@ -15,7 +15,7 @@ from jaxdec.hf.files import _resolve
 from jaxdec.hf.gpt2 import GPT2_DEFAULTS, from_gpt2
 from jaxdec.hf.mapping import _given
 from jaxdec.hf.marian import MARIAN_DEFAULTS, from_marian
-from jaxdec.hf.modern import FAMILIES, first_eos, from_modern
+from jaxdec.hf.modern import FAMILIES, first_id, from_modern
 
 SUPPORTED = ("gpt2", "marian", *FAMILIES)
 
@@ -64,8 +64,8 @@ def _special(model_type: str, settings: dict, vocab_size: int) -> SpecialIds:
     defaults = {"gpt2": GPT2_DEFAULTS, "marian": MARIAN_DEFAULTS}.get(model_type, {})
     get = lambda k: settings[k] if k in settings else defaults.get(k)  # noqa: E731
     if model_type in FAMILIES:
-        eos = first_eos(get("eos_token_id"))
-        pad = first_eos(get("pad_token_id"))
+        eos = first_id("eos_token_id", get("eos_token_id"))
+        pad = first_id("pad_token_id", get("pad_token_id"))
         special = SpecialIds(eos_id=eos, pad_id=eos if pad is None else pad,
                              bos_id=_single_id("bos_token_id", get("bos_token_id")))
         return _check_ids(special, vocab_size)

@@ -326,13 +326,13 @@ def from_modern(source, config=None, model_type: str | None = None) -> tuple[Dec
     return dconfig, _stack_layers(params)
 
 
-def first_eos(value) -> int | None:
-    """A config's eos_token_id (an int or a list) as the one id jaxdec stops at: the first, with
-    a warning naming the others, which decoding will not stop at."""
+def first_id(name: str, value) -> int | None:
+    """A config's special id `name` (an int or a list) as the one id jaxdec uses: the first, with
+    a warning naming the others (an eos_token_id list: decoding will not stop at them)."""
     if isinstance(value, (list, tuple)):
         ids = list(dict.fromkeys(int(v) for v in value))
         if len(ids) > 1:
-            warnings.warn(f"eos_token_id {ids}: jaxdec stops at one id, {ids[0]}; pass eos_id= to choose another",
+            warnings.warn(f"{name} {ids}: jaxdec uses one id, {ids[0]}; pass eos_id= / pad_id= to choose another",
                           stacklevel=3)
         return ids[0] if ids else None
     return None if value is None else int(value)

@@ -139,7 +139,7 @@ def bench_smollm2(batches=(1, 8), new_tokens=64, repeats=3, hf: bool = True) -> 
     rows = []
     for batch in batches:
         texts = [SMOLLM2_QUESTIONS[b % len(SMOLLM2_QUESTIONS)] for b in range(batch)]
-        encoded = [tok.encode(cli.chat_prompt(template, t, tok)) for t in texts]
+        encoded = [tok.encode(cli.chat_prompt(template, t, tok, ckpt.special)) for t in texts]
         prompts, lengths = cli._pad_rows(encoded, pad)
         run = lambda: jaxdec.generate(laid_out, config, prompts, lengths,  # noqa: E731
                                       max_new_tokens=new_tokens, eos_id=None).tokens
