@@ -250,7 +250,8 @@ def attend_cache(
       q: [B, T, N, H] queries.
       k, v: [L, B, K, S, H] the cache of every layer (heads before slots); `layer` picks one,
         so a layer scan can carry the whole cache and update it in place.
-      starts: int32 [B], first valid slot of each example; end: int32 [], slot of query 0.
+      starts: int32 [B], first valid slot of each example; end: int32 [], slot of query 0, or
+        int32 [B], each example's own (a per-row cache, `cache.KVCache.per_row`).
       layer: int32 [] layer index into k and v.
       block_size: key slots per block; a cache of at most this many slots is read in one pass
         with no loop.
@@ -270,16 +271,16 @@ def attend_cache(
     if N % K:
         raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
     G = N // K
-    query_slots = end + jnp.arange(T, dtype=jnp.int32)  # [T]
+    query_slots = jnp.reshape(end, (-1, 1)) + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B or 1, T]
     if capacity <= block_size and T > 1:
         # One block: the plain masked attention, no loop.
         k_l = jax.lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)  # [B, K, S, H]
         v_l = jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
         mask = key_range_mask(starts, jnp.full_like(starts, capacity), capacity)[:, None, :]  # [B, 1, S]
         slots = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
-        mask = mask & (slots <= query_slots[None, :, None])  # [B, T, S]
+        mask = mask & (slots <= query_slots[:, :, None])  # [B, T, S]
         if window is not None:
-            mask = mask & (slots > query_slots[None, :, None] - window)
+            mask = mask & (slots > query_slots[:, :, None] - window)
         return attend(q, k_l, v_l, mask, heads_first=True, zero_unseen_values=False, scale=scale,
                       softcap=softcap)
 
@@ -297,9 +298,9 @@ def attend_cache(
         v_b = jax.lax.dynamic_slice(v, start, (1, B, K, S, H))[0]
         slots = s0 + jnp.arange(S, dtype=jnp.int32)  # [S]
         allowed = ((slots[None, None, :] >= jnp.maximum(lo, starts)[:, None, None])
-                   & (slots[None, None, :] <= query_slots[None, :, None]))  # [B, T, S]
+                   & (slots[None, None, :] <= query_slots[:, :, None]))  # [B, T, S]
         if window is not None:
-            allowed = allowed & (slots[None, None, :] > query_slots[None, :, None] - window)
+            allowed = allowed & (slots[None, None, :] > query_slots[:, :, None] - window)
         if T == 1 and sum_chunk:
             # A decode step: one query per row. Products summed in place read the block where it
             # lies in the cache; on CPU a dot cannot read a dynamic slice, so it copies it first.
@@ -333,9 +334,9 @@ def attend_cache(
     else:
         earliest = jnp.min(starts)
         if window is not None:  # the first query's window starts at end - window + 1
-            earliest = jnp.maximum(earliest, end - window + 1)
+            earliest = jnp.maximum(earliest, jnp.min(end) - window + 1)
         first = earliest // S
-        last = (end + T - 1) // S  # the block of the last query, inclusive
+        last = (jnp.max(end) + T - 1) // S  # the block of the last query, inclusive
         _, row_sum, acc = jax.lax.fori_loop(first, last + 1, block, init)
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]  # rows that saw nothing: zeros
     return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, N, H).astype(q.dtype)

@@ -9,6 +9,11 @@ attended, and slots from `end` on are never read: attention (`attention.attend_c
 only the blocks between the earliest start and the newest query, so a step's cost follows the
 filled length, not the capacity.
 
+Speculative decoding lets rows accept different numbers of tokens per round, so its cache
+carries one write slot per row instead (`end` int32 [B], `per_row`): row b's tokens then occupy
+slots [starts[b], end[b]), contiguous, with positions slot - starts[b] as before, and a write
+is a per-row scatter. Every function here and in attention accepts either form.
+
 Capacity is checked on the host before decoding (`check_capacity`): `dynamic_update_slice`
 clamps an out-of-range start, which would silently overwrite the last slot.
 """
@@ -29,7 +34,8 @@ class KVCache:
         each layer's [B, K, S, H] block in place, with no transpose copy per step.
       v: [L, B, K, S, H] values.
       starts: int32 [B], first valid slot of each example.
-      end: int32 [], the next slot to write (shared by the batch).
+      end: int32 [], the next slot to write (shared by the batch); or int32 [B], each row's own
+        (`per_row`).
     """
 
     k: jax.Array
@@ -45,6 +51,10 @@ class KVCache:
     def lengths(self) -> jax.Array:
         """int32 [B]: tokens cached per example."""
         return self.end - self.starts
+
+    def per_row(self) -> "KVCache":
+        """The same cache with one write slot per row (end int32 [B])."""
+        return self.replace(end=jnp.broadcast_to(self.end, self.starts.shape).astype(jnp.int32))
 
 
 def init_cache(
@@ -80,12 +90,20 @@ def write(cache: KVCache, layer: int | jax.Array, k: jax.Array, v: jax.Array) ->
 
 
 def write_layer(k_all: jax.Array, v_all: jax.Array, layer, end, k: jax.Array, v: jax.Array):
-    """The arrays behind `write`: k_all, v_all [L, B, K, S, H]; k, v [B, T, K, H] at slot end."""
-    start = slice_start(layer, 0, 0, end, 0)
-    k = jnp.swapaxes(k, 1, 2)[None].astype(k_all.dtype)  # [1, B, K, T, H]
-    v = jnp.swapaxes(v, 1, 2)[None].astype(v_all.dtype)
-    return (jax.lax.dynamic_update_slice(k_all, k, start),
-            jax.lax.dynamic_update_slice(v_all, v, start))
+    """The arrays behind `write`: k_all, v_all [L, B, K, S, H]; k, v [B, T, K, H] at slot end
+    (int32 [], one in-place slice update) or at each row's own slot end[b] (int32 [B])."""
+    k = jnp.swapaxes(k, 1, 2).astype(k_all.dtype)  # [B, K, T, H]
+    v = jnp.swapaxes(v, 1, 2).astype(v_all.dtype)
+    if jnp.ndim(end) == 0:
+        start = slice_start(layer, 0, 0, end, 0)
+        return (jax.lax.dynamic_update_slice(k_all, k[None], start),
+                jax.lax.dynamic_update_slice(v_all, v[None], start))
+
+    def write_rows(a_all, new):  # [L, B, K, S, H] <- [B, K, T, H] at (layer, b, 0, end[b], 0)
+        update = lambda a, x, e: jax.lax.dynamic_update_slice(a, x[None], slice_start(layer, 0, e, 0))  # noqa: E731
+        return jax.vmap(update, in_axes=(1, 0, 0), out_axes=1)(a_all, new, end)
+
+    return write_rows(k_all, k), write_rows(v_all, v)
 
 
 def slice_start(*indices) -> tuple[jax.Array, ...]:
@@ -128,11 +146,13 @@ def select_rows(cache: KVCache, rows: jax.Array, block_size: int) -> KVCache:
 def query_mask(cache: KVCache, query_len: int) -> jax.Array:
     """Mask for `query_len` new queries at slots end .. end + T - 1: bool [B, T, S].
 
-    Query t sees each example's valid slots up to and including its own (starts[b] <= s <= end + t).
-    The masked reference that `attention.attend_cache` must equal; decoding never builds it.
+    Query t sees each example's valid slots up to and including its own (starts[b] <= s <= end + t,
+    with end[b] for a per-row cache). The masked reference that `attention.attend_cache` must
+    equal; decoding never builds it.
     """
     slots = jnp.arange(cache.capacity, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
-    ends = cache.end + jnp.arange(1, query_len + 1, dtype=jnp.int32)[None, :, None]  # [1, T, 1], exclusive
+    ends = (jnp.reshape(cache.end, (-1, 1, 1))
+            + jnp.arange(1, query_len + 1, dtype=jnp.int32)[None, :, None])  # [B or 1, T, 1], exclusive
     return (slots >= cache.starts[:, None, None]) & (slots < ends)
 
 

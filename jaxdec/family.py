@@ -14,6 +14,10 @@ The functions, with B batch, T / P token and prompt lengths, S cache capacity, V
 - prefill(params, config, tokens [B,P], lengths [B], capacity, source, source_lengths)
   -> (logits float32 [B,V] predicting each prompt's next token, cache).
 - step(params, config, cache, tokens [B], positions [B]) -> (logits float32 [B,V], cache).
+- extend(params, config, cache, tokens [B,C]) -> (logits float32 [B,C,V], cache): C new tokens
+  per row against the cache (speculative verification); `step` is extend with C = 1.
+- self_kv(cache) -> the KVCache of its self-attention; with_self_kv(cache, kv) -> cache holding
+  kv instead (the speculative loop moves each row's write slot back after a rejection).
 - prefill_uncached / recompute_step: the same two for the uncached baseline (its "cache" is
   whatever the family recomputes from).
 - select_rows(cache, rows int32 [R]) -> cache with rows reordered (beam search; only filled
@@ -49,6 +53,9 @@ class Family:
     recompute_step: Callable[..., Any]
     select_rows: Callable[..., Any]
     repeat_rows: Callable[..., Any]
+    extend: Callable[..., Any] = None
+    self_kv: Callable[[Any], Any] = lambda cache: cache
+    with_self_kv: Callable[[Any, Any], Any] = lambda cache, kv: kv
     decode_params: Callable[..., Any] = lambda params, config, batch, tuning=None: params
 
 

@@ -363,7 +363,8 @@ def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cros
                    tuning: Tuning = PLAIN):
     """The layers of `extend`: tokens int32 [B, C] -> final hidden states [B, C, D], new cache."""
     C = tokens.shape[1]
-    positions = (cache.end + jnp.arange(C, dtype=jnp.int32)[None, :] - cache.starts[:, None]).astype(jnp.int32)
+    positions = (jnp.reshape(cache.end, (-1, 1)) + jnp.arange(C, dtype=jnp.int32)[None, :]
+                 - cache.starts[:, None]).astype(jnp.int32)  # [B, C]
     x = embed_inputs(params, config, tokens, positions)  # [B, C, D]
     cross_mask = None if cross is None else cross.mask()
     consts = layer_constants(config)
@@ -595,6 +596,7 @@ FAMILY = family.Family(
     forward=_forward,
     prefill=_prefill,
     step=decode_step,
+    extend=lambda params, config, cache, tokens, tuning=PLAIN: extend(params, config, cache, tokens, tuning=tuning),
     prefill_uncached=_prefill_uncached,
     recompute_step=recompute_step,
     select_rows=select_cache_rows,

@@ -152,6 +152,14 @@ def decode_step(params, config: Seq2SeqConfig, cache: Seq2SeqCache, tokens, posi
     return logits, cache.replace(self_kv=self_kv)
 
 
+def extend(params, config: Seq2SeqConfig, cache: Seq2SeqCache, tokens, tuning: Tuning = PLAIN):
+    """C new decoder tokens per row (int32 [B, C]) against the cache and the carried cross K/V:
+    logits float32 [B, C, V] and the cache (`model.extend`)."""
+    logits, self_kv = model.extend(decoder_view(params), config, cache.self_kv, tokens, cross=cache.cross,
+                                   tuning=tuning)
+    return logits, cache.replace(self_kv=self_kv)
+
+
 @flax.struct.dataclass
 class Seq2SeqBuffer:
     """The uncached baseline's state: the decoder's token buffer and the source itself."""
@@ -204,6 +212,9 @@ FAMILY = family.Family(
     forward=seq2seq_logits,
     prefill=prefill,
     step=decode_step,
+    extend=extend,
+    self_kv=lambda cache: cache.self_kv,
+    with_self_kv=lambda cache, kv: cache.replace(self_kv=kv),
     prefill_uncached=prefill_uncached,
     recompute_step=recompute_step,
     select_rows=_select_rows,
