@@ -18,7 +18,7 @@ True where attention is allowed. Example: `jnp.einsum("BTNH,BSNH->BNTS", q, k)`.
 Public API: configs (DecoderConfig, Seq2SeqConfig, TrainConfig), `init_params`, `forward`,
 `check_params`, `generate` and `beam_search` (on params, or on `decode_params(params, config)`
 laid out once for many calls) with samplers (Greedy, Temperature, TopK, TopP, or
-any `Sampler`), training (`create_train_state`, `train_step`, `train_step_checked`,
+any `Sampler`), speculative decoding (`generate(..., draft=PromptLookup(...) | DraftModel(...))`), training (`create_train_state`, `train_step`, `train_step_checked`,
 `eval_step`) and sharding (`make_mesh`, `shard_params`, `shard_batch`). Each model family (decoder-only `model`, encoder-decoder
 `seq2seq`) is reached through `jaxdec.family.of(config)`; Hugging Face checkpoints through
 `jaxdec.hf`.
@@ -31,15 +31,19 @@ from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
 from jaxdec.decode import DecodeParams, DecodeState, GenerateResult, decode_params, generate
 from jaxdec.sampling import Greedy, Sampler, Temperature, TopK, TopP
 from jaxdec.sharding import make_mesh, shard_batch, shard_params
+from jaxdec.speculative import Draft, DraftModel, PromptLookup
 from jaxdec.training import TrainState, create_train_state, eval_step, train_step, train_step_checked
 
 __all__ = [
     "DecodeParams",
     "DecodeState",
     "DecoderConfig",
+    "Draft",
+    "DraftModel",
     "GenerateResult",
     "Greedy",
     "KVCache",
+    "PromptLookup",
     "Sampler",
     "Seq2SeqConfig",
     "Temperature",

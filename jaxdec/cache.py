@@ -70,12 +70,14 @@ def init_cache(
     )
 
 
-def check_capacity(capacity: int, needed: int) -> None:
-    """Host-side guard: raise before decoding rather than write past the cache's end."""
-    if needed > capacity:
+def check_capacity(capacity: int, needed: int, spare: int = 0) -> None:
+    """Host-side guard: raise before decoding rather than write past the cache's end. spare: the
+    slots speculative decoding needs beyond prompt + max_new_tokens (its drafts, γ)."""
+    if needed + spare > capacity:
+        extra = f" + {spare} draft slots (the draft's num_tokens)" if spare else ""
         raise ValueError(
-            f"capacity {capacity} is too small: prompt length + max_new_tokens = {needed}; "
-            f"pass capacity >= {needed}"
+            f"capacity {capacity} is too small: prompt length + max_new_tokens = {needed}{extra}; "
+            f"pass capacity >= {needed + spare}"
         )
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import cache as kv_cache
-from jaxdec import api, checks, family, sampling, sharding, tuning
+from jaxdec import api, checks, family, sampling, sharding, speculative, tuning
 from jaxdec.config import DecoderConfig, Seq2SeqConfig
 from jaxdec.sampling import Greedy, Sampler
 from jaxdec.tuning import Tuning
@@ -63,12 +63,15 @@ class GenerateResult:
     an example's eos they are the model's logits after the fed pad_id, as in Hugging Face, and
     unused; zeros at the steps after every example has stopped, which are skipped);
     nonfinite bool [B]: a logit that row's tokens were sampled from was NaN or inf (broken
-    params or overflow), so its tokens are meaningless; None only where nothing was checked."""
+    params or overflow), so its tokens are meaningless; None only where nothing was checked;
+    speculation: what speculative decoding did (`speculative.SpeculationStats`: verification
+    rounds, accepted drafts per row and per draft position), None without a draft."""
 
     tokens: jax.Array
     lengths: jax.Array
     logits: jax.Array | None = None
     nonfinite: jax.Array | None = None
+    speculation: speculative.SpeculationStats | None = None
 
 
 @flax.struct.dataclass
@@ -324,6 +327,50 @@ def _generate_program(params, inputs: "DecodeInputs", options: DecodeOptions, *,
 _generate = DecodeProgram(_generate_program, static_argnames=("options",))
 
 
+def _speculative_program(params, inputs: "DecodeInputs", draft, options: DecodeOptions, *,
+                         tuning: Tuning) -> GenerateResult:
+    """Prefill, the draft's start, and the draft-and-verify rounds (`speculative.speculative_loop`)
+    as one program."""
+    params, inputs, logits, state, _ = prefill_inputs(params, inputs, options, tuning)
+    fam, config, mesh = family.of(options.config), options.config, options.mesh
+    draft_state = draft.start(speculative.DraftStart(inputs=inputs, capacity=options.capacity, tuning=tuning,
+                                                     mesh=mesh))
+    extend = sharding.sharded_step(lambda p, c, t: fam.extend(p, config, c, t, tuning=tuning), mesh)
+    final = speculative.speculative_loop(
+        extend, params, sharding.constrain_caches(state, mesh), logits, inputs.prompts, inputs.lengths,
+        draft=draft, draft_state=draft_state, sampler=sampling.tuned(options.sampler, tuning), key=inputs.key,
+        max_new_tokens=options.max_new_tokens, eos_id=inputs.eos_id, pad_id=inputs.pad_id,
+        return_logits=options.return_logits, fam=fam, tuning=tuning)
+    tokens, lengths, out_logits, nonfinite, stats = final.outputs(options.max_new_tokens)
+    return GenerateResult(tokens=tokens, lengths=lengths, logits=out_logits, nonfinite=nonfinite, speculation=stats)
+
+
+_speculative = DecodeProgram(_speculative_program, static_argnames=("options",))
+
+
+def check_draft(draft, config, use_cache: bool) -> None:
+    """A draft must be a `speculative.Draft`-like object with num_tokens >= 1; a draft model must
+    be of the target's family and vocabulary (ValueError before any compute)."""
+    if not use_cache:
+        raise ValueError("speculative decoding (draft=) verifies drafts against the KV cache: use_cache must be True")
+    num_tokens = getattr(draft, "num_tokens", None)
+    if not all(hasattr(draft, name) for name in ("start", "propose")) or not checks.is_int(num_tokens) \
+            or num_tokens < 1:
+        raise ValueError(f"draft must be a jaxdec.PromptLookup, a jaxdec.DraftModel or another Draft with an "
+                         f"int num_tokens >= 1, start and propose; got {draft!r}")
+    if isinstance(draft, speculative.DraftModel):
+        if type(draft.config) is not type(config):
+            raise ValueError(f"the draft model's config is a {type(draft.config).__name__}; the target's is a "
+                             f"{type(config).__name__}: both must be of one family")
+        if draft.config.vocab_size != config.vocab_size:
+            raise ValueError(f"the draft model's vocab_size={draft.config.vocab_size} differs from the target's "
+                             f"{config.vocab_size}: drafts are token ids of one vocabulary")
+        if isinstance(draft.params, DecodeParams):
+            check_layout(draft.params, draft.config, None)
+        else:
+            api.check_params(draft.params, draft.config)
+
+
 def fill_generate_defaults(prompts, prompt_lengths, max_new_tokens: int, capacity, key, eos_id):
     """`generate`'s defaults, in one place: every prompt token real, a cache of exactly
     P + max_new_tokens slots, a fixed key (a deterministic sampler ignores it; one compiled
@@ -339,7 +386,7 @@ def fill_generate_defaults(prompts, prompt_lengths, max_new_tokens: int, capacit
 
 
 def _check_generate_args(params, config, prompts, prompt_lengths, max_new_tokens, capacity, sampler,
-                         key, eos_id, pad_id):
+                         key, eos_id, pad_id, spare_slots: int = 0):
     """Host-side validation (ValueError before any compute) of what `generate` and `beam_search`
     share; prompts' rank and dtype and max_new_tokens are checked by `prepare_inputs` (the
     defaults need them), prompt_lengths and capacity already hold their defaults."""
@@ -353,7 +400,7 @@ def _check_generate_args(params, config, prompts, prompt_lengths, max_new_tokens
         checks.check_token_ids("prompts", prompts, config.vocab_size)
     checks.check_lengths("prompt_lengths", prompt_lengths, B, 1, P)
     checks.positive_int("capacity", capacity)
-    kv_cache.check_capacity(int(capacity), P + max_new_tokens)
+    kv_cache.check_capacity(int(capacity), P + max_new_tokens, spare_slots)
     if checks.is_concrete(prompt_lengths):
         longest = int(np.max(prompt_lengths)) + max_new_tokens
     else:
@@ -405,9 +452,10 @@ class DecodeInputs:
 
 def prepare_inputs(params, config, prompts, prompt_lengths=None, *, source=None, source_lengths=None,
                    max_new_tokens: int, capacity=None, sampler=Greedy(), key=None, eos_id=None,
-                   pad_id: int = 0) -> tuple[DecodeInputs, int]:
+                   pad_id: int = 0, spare_slots: int = 0) -> tuple[DecodeInputs, int]:
     """Host checks shared by `generate` and `beam_search` (ValueError before any compute), then
-    the arrays their compiled programs take, and the resolved capacity."""
+    the arrays their compiled programs take, and the resolved capacity. spare_slots: cache slots
+    needed beyond prompt + max_new_tokens (speculative decoding's γ)."""
     prompts, prompt_lengths = checks.as_array(prompts), checks.as_array(prompt_lengths)
     source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
     checks.check_int_array("prompts", prompts, 2)
@@ -416,7 +464,7 @@ def prepare_inputs(params, config, prompts, prompt_lengths=None, *, source=None,
     prompt_lengths, capacity, key, eos = fill_generate_defaults(prompts, prompt_lengths, max_new_tokens,
                                                                 capacity, key, eos_id)
     _check_generate_args(params, config, prompts, prompt_lengths, max_new_tokens, capacity, sampler,
-                         given_key, eos_id, pad_id)
+                         given_key, eos_id, pad_id, spare_slots)
     capacity = int(capacity)
     source_lengths = api.check_source(config, source, source_lengths)
     if source is not None:
@@ -424,7 +472,7 @@ def prepare_inputs(params, config, prompts, prompt_lengths=None, *, source=None,
             raise ValueError(f"source has batch {np.shape(source)[0]}, prompts have {np.shape(prompts)[0]}")
         source = jnp.asarray(source, jnp.int32)
     inputs = DecodeInputs(
-        prompts=_pad_to(prompts, capacity - max_new_tokens),
+        prompts=_pad_to(prompts, capacity - max_new_tokens - spare_slots),
         lengths=jnp.asarray(prompt_lengths, jnp.int32),
         source=source,
         source_lengths=source_lengths,
@@ -452,6 +500,7 @@ def generate(
     capacity: int | None = None,
     return_logits: bool = False,
     mesh=None,
+    draft=None,
 ) -> GenerateResult:
     """Generates max_new_tokens tokens after each prompt.
 
@@ -476,19 +525,34 @@ def generate(
       mesh: the mesh `params` are placed on (`jaxdec.shard_params` or a sharded TrainState):
         the batch is split over data x fsdp and the KV cache over batch and KV heads for the
         whole loop (`jaxdec.sharding`). None: wherever the arrays are.
+      draft: speculative decoding (`jaxdec.speculative`): `PromptLookup(...)`, `DraftModel(...)`
+        or your own `Draft`; each round verifies its num_tokens (γ) drafts per row in one
+        forward of the model. The tokens have exactly the distribution plain decoding gives
+        (greedy: the same tokens, up to float rounding of near-ties). Needs γ spare cache slots:
+        capacity >= P + max_new_tokens + γ (the default when capacity is None).
 
     Returns:
       GenerateResult(tokens int32 [B, max_new_tokens], lengths int32 [B], logits, nonfinite
-      bool [B]: check it, a row sampled from NaN or inf logits holds meaningless tokens).
+      bool [B]: check it, a row sampled from NaN or inf logits holds meaningless tokens;
+      speculation: acceptance counts, with a draft).
 
     Raises:
       ValueError before any compute for params that do not match config, bad shapes, dtypes,
       ids, lengths, sizes, samplers or special ids.
     """
     check_layout(params, config, mesh, use_cache)
+    spare = 0
+    if draft is not None:
+        check_draft(draft, config, use_cache)
+        spare = draft.num_tokens
+        if capacity is None:
+            capacity = np.shape(prompts)[1] + max_new_tokens + spare
     inputs, capacity = prepare_inputs(params, config, prompts, prompt_lengths, source=source,
                                       source_lengths=source_lengths, max_new_tokens=max_new_tokens,
-                                      capacity=capacity, sampler=sampler, key=key, eos_id=eos_id, pad_id=pad_id)
+                                      capacity=capacity, sampler=sampler, key=key, eos_id=eos_id, pad_id=pad_id,
+                                      spare_slots=spare)
     options = DecodeOptions(config=config, max_new_tokens=max_new_tokens, capacity=capacity, sampler=sampler,
                             use_cache=use_cache, return_logits=return_logits, mesh=mesh)
+    if draft is not None:
+        return _speculative.for_inputs(params, mesh)(params, inputs, draft, options)
     return _generate(params, inputs, options)

@@ -2,7 +2,10 @@
 
 A sampler is any hashable callable (a static argument to `jit`; a frozen dataclass is the
 natural form) with `__call__(logits float32 [B, V], key) -> int32 [B]` and a bool attribute
-`stochastic` (False: the key is ignored, so `generate` needs none). `Sampler` is an optional
+`stochastic` (False: the key is ignored, so `generate` needs none). A stochastic sampler may
+also define `warp(logits [..., V]) -> [..., V]`: logits whose softmax is exactly the
+distribution it draws from (-inf where it never draws); speculative decoding with a draft model
+then accepts drafts by the probability ratio (`jaxdec.speculative`). `Sampler` is an optional
 base class that adds `draw`, n distinct ids per row, which beam search uses to pick its 2W
 candidates. Samplers are pure, reproducible for a given key, and know nothing of the model.
 """
@@ -117,6 +120,10 @@ class Temperature(Sampler):
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         return jax.random.categorical(key, logits / self.temperature, axis=-1).astype(jnp.int32)
 
+    def warp(self, logits: jax.Array) -> jax.Array:
+        """logits [..., V] -> the tempered logits this sampler draws from."""
+        return logits / self.temperature
+
 
 @dataclasses.dataclass(frozen=True)
 class TopK(Sampler):
@@ -136,6 +143,13 @@ class TopK(Sampler):
         choice = jax.random.categorical(key, top_logits / self.temperature, axis=-1)  # [B]
         return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
+    def warp(self, logits: jax.Array) -> jax.Array:
+        """logits [..., V] -> tempered logits, -inf outside the k ids `__call__` chooses among."""
+        k = min(self.k, logits.shape[-1])
+        _, top_ids = jax.lax.top_k(logits, k)  # [..., k]
+        keep = jnp.put_along_axis(jnp.zeros(logits.shape, bool), top_ids, True, axis=-1, inplace=False)
+        return jnp.where(keep, logits / self.temperature, -jnp.inf)
+
 
 @dataclasses.dataclass(frozen=True)
 class TopP(Sampler):
@@ -152,6 +166,16 @@ class TopP(Sampler):
         if not 0.0 < self.p <= 1.0:
             raise ValueError(f"p must lie in (0, 1], got {self.p!r}")
         _check_temperature(self.temperature)
+
+    def warp(self, logits: jax.Array) -> jax.Array:
+        """logits [..., V] -> tempered logits, -inf outside the nucleus `__call__` chooses in."""
+        logits = logits / self.temperature
+        order = jnp.argsort(-logits, axis=-1)  # [..., V], most likely first
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < self.p
+        keep = jnp.put_along_axis(jnp.zeros_like(keep_sorted), order, keep_sorted, axis=-1, inplace=False)
+        return jnp.where(keep, logits, -jnp.inf)
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         logits = logits / self.temperature

@@ -220,6 +220,8 @@ def tree_shardings(tree: PyTree, mesh: Mesh, axes_fn=param_axes) -> PyTree:
 def cache_axes(path, shape: tuple[int, ...]) -> tuple[str | None, ...]:
     """Logical axes of a KVCache / CrossKV field (by its attribute name)."""
     name = path[-1].name if isinstance(path[-1], jax.tree_util.GetAttrKey) else None
+    if name == "end" and len(shape) == 1:  # a per-row write slot (speculative decoding)
+        return ("batch",)
     if name not in CACHE_AXES or len(CACHE_AXES[name]) != len(shape):
         raise ValueError(f"no logical axes for cache field {jax.tree_util.keystr(tuple(path))} "
                          f"with shape {tuple(shape)}")

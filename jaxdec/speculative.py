@@ -1,0 +1,435 @@
+"""Speculative decoding inside the fixed KV cache: draft γ tokens cheaply, verify them all in one
+`extend` of the target model (one read of its weights), keep the longest prefix it agrees with.
+
+The output has exactly the distribution of plain decoding with the same sampler (the same tokens
+for greedy). Rows accept different numbers of tokens per round, so the target's cache carries one
+write slot per row (`KVCache.per_row`): after a round, row b's slot moves to just past its
+accepted tokens, so the slots of its rejected drafts are never attended and are overwritten by
+the next round; each row's positions stay those of its accepted tokens. A request needs γ spare
+slots beyond prompt + max_new_tokens (checked on the host before compute).
+
+Drafts (an open interface, like samplers: any hashable pytree with `num_tokens`, `start` and
+`propose`, see `Draft`):
+- `PromptLookup`: the tokens that followed the most recent earlier occurrence of the row's
+  latest n-gram, in its own prompt and output; no second model.
+- `DraftModel`: a smaller jaxdec model of the same family and vocabulary, with its own fixed
+  cache.
+
+Acceptance (`accept`): with a deterministic target sampler (greedy), or a draft that gives no
+probabilities, every verified position draws its own token y_i from the target and drafts are
+accepted while d_(i+1) == y_i ("sample and match": exact for any sampler, since every emitted
+token is drawn from the target given the tokens before it). With a stochastic sampler that has a
+`warp`, and a draft model's probabilities q, the speculative-sampling rule of Leviathan et al.
+and Chen et al. (2023): accept d with probability min(1, p(d) / q(d)), and at the first
+rejection draw from norm(max(0, p - q)); p and q both warped by the sampler.
+
+A round where no running row has a draft (prompt lookup found no match) runs a plain one-token
+step instead of verifying, so text that never repeats itself costs what plain decoding costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxdec import family
+
+
+# --- what the loop shows a draft ----------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class History:
+    """Every row's tokens so far, laid out slot for slot like the target's KV cache.
+
+    tokens: int32 [B, W], W >= capacity + γ + 1; row b's prompt and output occupy slots
+      starts[b] .. end[b]. starts: int32 [B]. end: int32 [B], the slot of the newest token (emitted,
+      not yet in the target's cache: the next round feeds it first).
+    """
+
+    tokens: jax.Array
+    starts: jax.Array
+    end: jax.Array
+
+    def at(self, offset: int) -> jax.Array:
+        """int32 [B]: each row's token at slot end + offset (offset <= 0)."""
+        return jnp.take_along_axis(self.tokens, (self.end + offset)[:, None], axis=1)[:, 0]
+
+
+@flax.struct.dataclass
+class Proposal:
+    """A draft's γ tokens per row.
+
+    tokens: int32 [B, γ], guesses for the tokens after the row's newest one. logits: float32
+    [B, γ, V] the draft sampled each token from (with the same sampler as the target), or None
+    for a deterministic draft. found: bool [B], the row has a real guess (False: the round need
+    not verify for this row's sake).
+    """
+
+    tokens: jax.Array
+    logits: jax.Array | None
+    found: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftStart:
+    """What a draft may read when it starts, inside the decode program: the validated
+    `DecodeInputs` (prompts, lengths, source, ...), the cache capacity, the program's tuning,
+    and the mesh (or None)."""
+
+    inputs: Any
+    capacity: int
+    tuning: Any
+    mesh: Any
+
+
+class Draft:
+    """Optional base class of drafts. A draft is a pytree (a flax struct dataclass; arrays such
+    as a model's params are leaves, everything else static) with:
+
+      num_tokens: int, γ, drafts per round (static).
+      start(context: DraftStart) -> state: its loop state (any pytree), once per decode.
+      propose(state, history: History, sampler, key, tuning) -> (Proposal, state); tuning: the
+        program's `Tuning`, for a draft that runs a model.
+    """
+
+    num_tokens: int
+
+    def start(self, context: DraftStart):
+        return None
+
+    def propose(self, state, history: History, sampler, key, tuning):
+        raise NotImplementedError
+
+
+def _check_num_tokens(num_tokens) -> None:
+    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
+        raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
+
+
+# --- prompt lookup --------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class PromptLookup(Draft):
+    """Drafts by n-gram lookup in the row's own tokens (prompt and output so far): the row's
+    latest n tokens are searched for among its earlier tokens, longest n first (max_ngram down
+    to min_ngram), and the num_tokens tokens that followed the most recent earlier occurrence
+    are the draft. A row with no occurrence has no draft this round.
+    """
+
+    num_tokens: int = flax.struct.field(pytree_node=False, default=4)
+    max_ngram: int = flax.struct.field(pytree_node=False, default=3)
+    min_ngram: int = flax.struct.field(pytree_node=False, default=1)
+
+    def __post_init__(self):
+        _check_num_tokens(self.num_tokens)
+        for name in ("max_ngram", "min_ngram"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram={self.min_ngram} must be <= max_ngram={self.max_ngram}")
+
+    def propose(self, state, history: History, sampler, key, tuning):
+        del sampler, key, tuning
+        return lookup(history, self.num_tokens, self.max_ngram, self.min_ngram), state
+
+
+def lookup(history: History, num_tokens: int, max_ngram: int, min_ngram: int = 1) -> Proposal:
+    """`PromptLookup`'s draft: for each row, the match of its latest n-gram (longest n first) that
+    ends nearest before its newest token, and the num_tokens tokens after it (slots past the
+    newest token read as the newest token)."""
+    tokens, starts, end = history.tokens, history.starts, history.end
+    W = tokens.shape[1]
+    slots = jnp.arange(W, dtype=jnp.int32)[None, :]  # [1, W]
+    # match[b, j]: the n tokens ending at slot j equal the n tokens ending at end[b]; j < end[b].
+    match = (slots < end[:, None]) & (tokens == history.at(0)[:, None])
+    best_end = jnp.full(end.shape, -1, jnp.int32)  # [B], slot where the chosen match ends
+    for n in range(1, max_ngram + 1):
+        if n > 1:
+            shifted = jnp.pad(tokens, ((0, 0), (n - 1, 0)))[:, :W]  # shifted[b, j] = tokens[b, j - n + 1]
+            match = match & (shifted == history.at(1 - n)[:, None]) & (slots - n + 1 >= starts[:, None])
+            match = match & (end[:, None] - n + 1 >= starts[:, None])  # the row has n tokens at all
+        if n >= min_ngram:
+            latest = jnp.max(jnp.where(match, slots, -1), axis=1)  # [B]
+            best_end = jnp.where(latest >= 0, latest, best_end)  # a longer n-gram wins
+    found = best_end >= 0
+    follow = best_end[:, None] + jnp.arange(1, num_tokens + 1, dtype=jnp.int32)[None, :]  # [B, γ]
+    follow = jnp.minimum(follow, end[:, None])
+    draft = jnp.take_along_axis(tokens, jnp.clip(follow, 0, W - 1), axis=1)
+    return Proposal(tokens=draft.astype(jnp.int32), logits=None, found=found)
+
+
+# --- a draft model ----------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class DraftModel(Draft):
+    """A jaxdec model of the target's family and vocabulary as the draft, with its own fixed
+    cache laid out slot for slot like the target's. Each round it re-reads the row's two newest
+    tokens (the slot before the newest is rewritten with the same key/value, so the state needs
+    no account of what the last round accepted) and samples num_tokens tokens in turn with the
+    target's sampler.
+
+    params: the draft model's params (or `jaxdec.decode_params(...)`'s, laid out once); config:
+    its config (static); num_tokens: γ.
+    """
+
+    params: Any
+    config: Any = flax.struct.field(pytree_node=False)
+    num_tokens: int = flax.struct.field(pytree_node=False, default=4)
+
+    def __post_init__(self):
+        _check_num_tokens(self.num_tokens)
+
+    def _params(self):
+        return getattr(self.params, "params", self.params)  # DecodeParams or plain params
+
+    def start(self, context: DraftStart):
+        fam = family.of(self.config)
+        inputs = context.inputs
+        params = self._params()
+        if not hasattr(self.params, "params"):  # plain params: lay them out for the loop
+            params = fam.decode_params(params, self.config, inputs.prompts.shape[0], tuning=context.tuning)
+        _, cache = fam.prefill(params, self.config, inputs.prompts, inputs.lengths, context.capacity,
+                               inputs.source, inputs.source_lengths, tuning=context.tuning)
+        return params, fam.with_self_kv(cache, fam.self_kv(cache).per_row())
+
+    def propose(self, state, history: History, sampler, key, tuning):
+        params, cache = state
+        fam = family.of(self.config)
+        kv = fam.self_kv(cache)
+        cache = fam.with_self_kv(cache, kv.replace(end=history.end - 1))
+        pair = jnp.stack([history.at(-1), history.at(0)], axis=1)  # [B, 2]
+        logits, cache = fam.extend(params, self.config, cache, pair, tuning=tuning)
+        keys = jax.random.split(key, self.num_tokens)
+        first = sampler(logits[:, -1], keys[0])
+
+        def step(carry, k):
+            cache, token = carry
+            logits, cache = fam.extend(params, self.config, cache, token[:, None], tuning=tuning)
+            nxt = sampler(logits[:, 0], k)
+            return (cache, nxt), (nxt, logits[:, 0])
+
+        (cache, _), (rest, rest_logits) = jax.lax.scan(step, (cache, first), keys[1:])
+        tokens = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, γ]
+        all_logits = jnp.concatenate([logits[:, -1:], jnp.swapaxes(rest_logits, 0, 1)], axis=1)  # [B, γ, V]
+        found = jnp.ones(tokens.shape[:1], bool)
+        return Proposal(tokens=tokens.astype(jnp.int32), logits=all_logits, found=found), (params, cache)
+
+
+# --- acceptance -----------------------------------------------------------------------------------
+
+
+def leading_true(flags: jax.Array) -> jax.Array:
+    """int32 [B]: how many of flags bool [B, γ] are True before the first False."""
+    return jnp.sum(jnp.cumprod(flags.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+
+
+def uses_ratio(sampler, proposal: Proposal) -> bool:
+    """Whether acceptance uses the probability-ratio rule (a stochastic sampler with `warp`, and
+    a draft with probabilities) rather than sample-and-match."""
+    return bool(getattr(sampler, "stochastic", True)) and hasattr(sampler, "warp") and proposal.logits is not None
+
+
+def accept(logits: jax.Array, proposal: Proposal, sampler, key: jax.Array):
+    """Which drafts the target accepts, and the tokens it emits.
+
+    Args:
+      logits: float32 [B, C, V], the target's logits after the newest token and after each of
+        the first C - 1 drafts (C = γ + 1, or 1 for a round without drafts).
+      proposal: the drafts (tokens [B, γ], γ >= C - 1: only the first C - 1 are verified).
+
+    Returns:
+      tokens int32 [B, C]: the row emits tokens[:, :n + 1]; n int32 [B]: drafts accepted (<= C - 1).
+    """
+    B, C, V = logits.shape
+    drafts = proposal.tokens[:, :C - 1]
+    k_match, k_ratio, k_fix = jax.random.split(key, 3)
+    if C > 1 and uses_ratio(sampler, proposal):
+        p = jax.nn.softmax(sampler.warp(logits), axis=-1)  # [B, C, V]
+        q = jax.nn.softmax(sampler.warp(proposal.logits[:, :C - 1]), axis=-1)  # [B, C - 1, V]
+        p_d = jnp.take_along_axis(p[:, :C - 1], drafts[..., None], axis=-1)[..., 0]  # [B, C - 1]
+        q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+        u = jax.random.uniform(k_ratio, p_d.shape, jnp.float32)
+        n = leading_true(u * q_d < p_d)  # accept with probability min(1, p / q)
+        q_full = jnp.concatenate([q, jnp.zeros((B, 1, V), q.dtype)], axis=1)  # the bonus position: q = 0
+        residual = jnp.maximum(p - q_full, 0.0)  # [B, C, V]
+        residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)  # p == q: draw from p
+        fixes = jax.random.categorical(k_fix, jnp.log(residual), axis=-1).astype(jnp.int32)  # [B, C]
+        slots = jnp.arange(C, dtype=jnp.int32)[None, :]
+        padded = jnp.pad(drafts, ((0, 0), (0, 1)))
+        return jnp.where(slots < n[:, None], padded, fixes), n
+    drawn = sampler(logits.reshape(B * C, V), k_match).reshape(B, C).astype(jnp.int32)  # y_i ~ p_i
+    n = leading_true(drafts == drawn[:, :C - 1]) if C > 1 else jnp.zeros((B,), jnp.int32)
+    return drawn, n
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class SpeculationStats:
+    """What speculation did, per row while it ran: rounds int32 [B] (verifications), steps
+    int32 [B] (plain one-token rounds: no row had a draft), accepted int32 [B] (drafts accepted),
+    accepted_at int32 [γ] (rows x rounds whose draft i was accepted, summed over rows)."""
+
+    rounds: jax.Array
+    steps: jax.Array
+    accepted: jax.Array
+    accepted_at: jax.Array
+
+    def acceptance_rate(self) -> jax.Array:
+        """float32 [γ]: the share of verifications in which draft i was accepted."""
+        return self.accepted_at / jnp.maximum(jnp.sum(self.rounds), 1)
+
+
+@flax.struct.dataclass
+class SpecState:
+    """Loop carry of `speculative_loop`: the target's cache (per-row write slots), the draft's
+    state, the history, and the outputs so far (out_tokens [B, max_new_tokens + γ + 1], the tail
+    beyond max_new_tokens a scratch area for the last round's writes)."""
+
+    cache: Any
+    draft_state: Any
+    history: History
+    done: jax.Array
+    lengths: jax.Array
+    key: jax.Array
+    out_tokens: jax.Array
+    nonfinite: jax.Array
+    stats: SpeculationStats
+    out_logits: jax.Array | None = None
+
+    def outputs(self, max_new_tokens: int):
+        """(tokens int32 [B, max_new_tokens], lengths int32 [B], logits float32 [B,
+        max_new_tokens, V] or None, nonfinite bool [B], SpeculationStats)."""
+        logits = None if self.out_logits is None else self.out_logits[:, :max_new_tokens]
+        return self.out_tokens[:, :max_new_tokens], self.lengths, logits, self.nonfinite, self.stats
+
+
+def _write_rows(buffer: jax.Array, rows: jax.Array, at: jax.Array) -> jax.Array:
+    """buffer [B, W, ...] with rows [B, C, ...] written at each row's own offset at [B]."""
+    def one(b, r, a):
+        return jax.lax.dynamic_update_slice_in_dim(b, r, a, axis=0)
+    return jax.vmap(one)(buffer, rows, at)
+
+
+def history_from_prompts(prompts: jax.Array, lengths: jax.Array, starts: jax.Array, width: int) -> jax.Array:
+    """int32 [B, width]: right-padded prompts [B, P] placed at each row's cache slots
+    starts[b] .. starts[b] + lengths[b] - 1, zeros elsewhere."""
+    src = jnp.arange(width, dtype=jnp.int32)[None, :] - starts[:, None]
+    real = (src >= 0) & (src < lengths[:, None])
+    gathered = jnp.take_along_axis(prompts, jnp.clip(src, 0, prompts.shape[1] - 1), axis=1)
+    return jnp.where(real, gathered, 0).astype(jnp.int32)
+
+
+def _nonfinite_rows(logits: jax.Array) -> jax.Array:
+    return ~jnp.all(jnp.isfinite(logits), axis=tuple(range(1, logits.ndim)))
+
+
+def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts: jax.Array,
+                     prompt_lengths: jax.Array, *, draft, draft_state, sampler, key: jax.Array,
+                     max_new_tokens: int, eos_id: jax.Array, pad_id: jax.Array, return_logits: bool = False,
+                     fam: family.Family, tuning):
+    """Samples max_new_tokens tokens per row in one `lax.while_loop` of draft-and-verify rounds.
+
+    Args:
+      extend_fn: (params, cache, tokens int32 [B, C]) -> (logits float32 [B, C, V], cache), the
+        target family's `extend`.
+      cache: the target's cache after the prefill (any family; its self-attention KVCache is
+        switched to per-row write slots here).
+      first_logits: float32 [B, V], the prefill's prediction of each row's first new token.
+      prompts, prompt_lengths: int32 [B, P] right-padded and [B] (for the history).
+      draft, draft_state: a `Draft` and what its `start` returned.
+
+    Returns:
+      the final SpecState (`outputs` gives tokens int32 [B, max_new_tokens], lengths, logits
+      float32 [B, max_new_tokens, V] or None, nonfinite bool [B], SpeculationStats).
+    """
+    gamma = draft.num_tokens
+    kv = fam.self_kv(cache).per_row()
+    cache = fam.with_self_kv(cache, kv)
+    B, V = first_logits.shape
+    key, sub = jax.random.split(key)
+    first = sampler(first_logits, sub).astype(jnp.int32)
+    width = kv.capacity + gamma + 2
+    history = History(tokens=history_from_prompts(prompts, prompt_lengths, kv.starts, width), starts=kv.starts,
+                      end=kv.end)
+    history = history.replace(tokens=_write_rows(history.tokens, first[:, None], history.end))
+    out_width = max_new_tokens + gamma + 1
+    out_logits = None
+    if return_logits:
+        out_logits = jnp.zeros((B, out_width, V), jnp.float32).at[:, 0].set(first_logits)
+    state = SpecState(
+        cache=cache, draft_state=draft_state, history=history,
+        done=(first == eos_id) | (max_new_tokens <= 1),
+        lengths=jnp.ones((B,), jnp.int32),
+        key=key,
+        out_tokens=jnp.full((B, out_width), pad_id, jnp.int32).at[:, 0].set(first),
+        nonfinite=_nonfinite_rows(first_logits),
+        stats=SpeculationStats(rounds=jnp.zeros((B,), jnp.int32), steps=jnp.zeros((B,), jnp.int32),
+                               accepted=jnp.zeros((B,), jnp.int32), accepted_at=jnp.zeros((gamma,), jnp.int32)),
+        out_logits=out_logits,
+    )
+
+    def round_(state: SpecState) -> SpecState:
+        running = ~state.done
+        key, k_draft, k_accept = jax.random.split(state.key, 3)
+        proposal, draft_state = draft.propose(state.draft_state, state.history, sampler, k_draft, tuning)
+        newest = state.history.at(0)
+        end = fam.self_kv(state.cache).end
+
+        def verify(cache):
+            tokens = jnp.concatenate([newest[:, None], proposal.tokens], axis=1)  # [B, γ + 1]
+            logits, cache = extend_fn(params, cache, tokens)
+            emitted, n = accept(logits, proposal, sampler, k_accept)
+            return cache, emitted, n, logits
+
+        def step(cache):  # no row has a draft: one token, as plain decoding would
+            logits, cache = extend_fn(params, cache, newest[:, None])
+            emitted, n = accept(logits, proposal, sampler, k_accept)
+            pad = lambda a: jnp.pad(a, ((0, 0), (0, gamma)) + ((0, 0),) * (a.ndim - 2))  # noqa: E731
+            return cache, pad(emitted), n, pad(logits)
+
+        verifying = jnp.any(proposal.found & running)
+        cache, emitted, n, logits = jax.lax.cond(verifying, verify, step, state.cache)
+        # Tokens this round adds to each row: the accepted drafts and one more, cut at eos and at
+        # max_new_tokens; none for rows already done.
+        slots = jnp.arange(gamma + 1, dtype=jnp.int32)[None, :]
+        is_eos = (emitted == eos_id) & (slots <= n[:, None])
+        first_eos = jnp.min(jnp.where(is_eos, slots, gamma + 1), axis=1)
+        count = jnp.minimum(jnp.minimum(n + 1, first_eos + 1), max_new_tokens - state.lengths)
+        count = jnp.where(running, count, 0)
+        lengths = state.lengths + count
+        done = state.done | (first_eos < count) | (lengths >= max_new_tokens)
+        # The verified tokens of a row sit at slots end .. end + n; later slots are rejected drafts,
+        # never attended: the row's next write starts after its accepted ones.
+        kv = fam.self_kv(cache)
+        cache = fam.with_self_kv(cache, kv.replace(end=end + jnp.where(running, n + 1, 0)))
+        written = jnp.where(slots < count[:, None], emitted, pad_id)
+        out_tokens = _write_rows(state.out_tokens, written, state.lengths)
+        history = state.history.replace(tokens=_write_rows(state.history.tokens, emitted, state.history.end + 1),
+                                        end=state.history.end + jnp.where(running, n + 1, 0))
+        out_logits = state.out_logits
+        if return_logits:
+            out_logits = _write_rows(out_logits, logits, state.lengths)
+        used = (slots < count[:, None])[..., None]
+        nonfinite = state.nonfinite | (running & _nonfinite_rows(jnp.where(used, logits, 0.0)))
+        verified = running & verifying
+        accepted_mask = verified[:, None] & (slots[:, :gamma] < n[:, None])  # [B, γ]
+        stats = SpeculationStats(
+            rounds=state.stats.rounds + verified.astype(jnp.int32),
+            steps=state.stats.steps + (running & ~verifying).astype(jnp.int32),
+            accepted=state.stats.accepted + jnp.where(verified, n, 0),
+            accepted_at=state.stats.accepted_at + jnp.sum(accepted_mask, axis=0, dtype=jnp.int32),
+        )
+        return SpecState(cache=cache, draft_state=draft_state, history=history, done=done, lengths=lengths,
+                         key=key, out_tokens=out_tokens, nonfinite=nonfinite, stats=stats, out_logits=out_logits)
+
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
