@@ -3,6 +3,10 @@
 With no arguments it trains the `small` preset on the Python standard library's own source files
 (nothing to download), evaluates on held-out files, samples with the KV cache and prints
 `held-out bits/byte: <number>`. `--data PATH` trains on your own text file or folder instead.
+`--init PATH` starts from a pretrained model instead (a Hugging Face folder or a .gguf file, e.g.
+`python -m jaxdec.hf fetch smollm2`'s SmolLM2): its config, params and tokenizer; `--pack` packs
+whole documents into rows; `--data NAME.bin` streams a token file (`python -m jaxdec.data.tokens`);
+`--export DIR` writes the trained model as a Hugging Face folder. docs/finetune.md has the details.
 `--task dates` trains the encoder-decoder on the embedded date-normalisation task and prints
 `held-out exact match: <percent>`. Each run writes to runs/<name>, the name following the data
 (stdlib, the --data file's stem, dates) unless --name is given; a folder that already holds a
@@ -30,8 +34,18 @@ def main(argv: list[str] | None = None) -> None:
     pre.add_argument("--task", choices=sorted(TASKS), default="lm")
     pre.add_argument("--preset", default="small")
     pre.add_argument("--block", default=None)
+    pre.add_argument("--init", default=None)
     known, rest = pre.parse_known_args(argv)
     config_type, presets = TASKS[known.task]
+    if known.init is not None:
+        # The pretrained model fixes the architecture: a flag that would change it is refused,
+        # never silently ignored.
+        shaping = [a.split("=")[0] for a in argv if a.startswith("--model.") or a.split("=")[0] == "--block"]
+        if shaping or known.task != "lm":
+            sys.exit(f"error: --init takes the model's config from {known.init}; "
+                     f"{', '.join(shaping) or '--task ' + known.task} would change the architecture: drop "
+                     f"{'them' if len(shaping) > 1 else 'it'}")
+        rest = ["--init", known.init, *rest]
     if known.preset not in presets:
         sys.exit(f"error: --preset must be one of {sorted(presets)} for --task {known.task}, got {known.preset!r}")
     default = presets[known.preset]

@@ -55,6 +55,21 @@ class TextTokenizer:
             ids = ids[: ids.index(self.eos_id)]
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def byte_lengths(self) -> np.ndarray:
+        """int64 [vocab_size]: the UTF-8 bytes each id stands for (0 for special and unused ids),
+        read through the byte-level alphabet (GPT-2's byte-to-unicode map) that byte-level BPE
+        vocabularies are written in; a token outside it counts its characters' UTF-8 bytes."""
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        alphabet = set(ByteLevel.alphabet())
+        special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        out = np.zeros(self.vocab_size, np.int64)
+        for token, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if i >= self.vocab_size or token in special:
+                continue
+            out[i] = len(token) if set(token) <= alphabet else len(token.encode("utf-8"))
+        return out
+
     def encode_parts(self, parts) -> list[np.ndarray]:
         """`jaxdec.data.Part`s -> ids (+ EOS where a part closes its document), uint16 or uint32.
 

@@ -21,7 +21,10 @@ from tqdm import tqdm
 
 from jaxdec import checkpoint, checks, family, sharding
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
-from jaxdec.data import ByteTokenizer, Corpus, dates, eval_batches, load_stdlib_corpus, load_text_corpus, sample_batch
+from jaxdec.data import (ByteTokenizer, Corpus, dates, eval_batches, load_stdlib_corpus, load_text_corpus,
+                         pack_documents, packed_eval_batches, sample_batch, sample_packed_batch)
+from jaxdec.data import tokens as token_files
+from jaxdec.data.packing import documents_of
 from jaxdec.decode import generate
 from jaxdec.sampling import TopK
 from jaxdec.tools.loss_curve import plot_loss_curve
@@ -41,7 +44,17 @@ class RunConfig:
     Attributes:
       model: the decoder-only LM (vocab_size must cover the byte tokenizer's 259 ids).
       train: optimisation settings.
-      data: a text file or folder to train on; None trains on the Python standard library's source.
+      data: a text file or folder to train on, or a token file (NAME.bin with its NAME.bin.json,
+        `jaxdec.data.tokens`) streamed from disk; None trains on the Python standard library's source.
+      init: start from a pretrained model, a Hugging Face folder or a .gguf file (`jaxdec.hf`):
+        its config replaces `model` (flags that would change it are refused), its params are
+        the starting point and its tokenizer encodes the data (documents separated by its EOS).
+      pack: lay whole documents into the rows (`jaxdec.data.packing`, with "segment_ids")
+        instead of cutting random windows from the stream; the run prints the share of padding
+        with and without packing.
+      separator: cut the data's files into documents at this string (e.g. "<|endoftext|>").
+      export: at the end, write the trained model as a Hugging Face folder here
+        (`jaxdec.hf.export`: config.json, model.safetensors and the --init model's tokenizer).
       name: the run's folder under `runs_dir`; None: named after the data ("stdlib", the
         --data file's stem or folder's name, or "dates"; see `run_name`).
       runs_dir: where runs are written (metrics.jsonl, loss.png, checkpoints/).
@@ -78,6 +91,10 @@ class RunConfig:
     model: DecoderConfig
     train: TrainConfig
     data: str | None = None
+    init: str | None = None
+    pack: bool = False
+    separator: str | None = None
+    export: str | None = None
     name: str | None = None
     runs_dir: str = "runs"
     steps: int = 600
@@ -180,7 +197,11 @@ def validate(cfg: RunConfig) -> RunFolder:
         checks.positive_int(name, getattr(cfg, name))
     if cfg.seq_len > cfg.model.max_len:
         raise ValueError(f"seq_len {cfg.seq_len} is beyond the model's max_len={cfg.model.max_len}")
-    if cfg.model.vocab_size < TOKENIZER.vocab_size:
+    if cfg.init is not None:
+        if cfg.mesh is not None or cfg.num_processes not in (None, 1) or cfg.distributed:
+            raise ValueError("--init starts one device from the pretrained params; --mesh and several "
+                             "processes are for runs from scratch")
+    elif cfg.model.vocab_size < TOKENIZER.vocab_size:
         raise ValueError(
             f"model.vocab_size {cfg.model.vocab_size} is smaller than the byte tokenizer's "
             f"{TOKENIZER.vocab_size} ids"
@@ -198,17 +219,24 @@ def validate(cfg: RunConfig) -> RunFolder:
     if cfg.data is not None and not pathlib.Path(cfg.data).expanduser().exists():
         # Before the folder check: the run's default name is derived from this path.
         raise ValueError(f"data path does not exist: {cfg.data!r}")
+    if cfg.pack and cfg.data is not None and token_files.is_token_file(cfg.data):
+        raise ValueError("--pack lays whole documents into rows; a token file is streamed as windows "
+                         "(give the text file or folder to pack it)")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in the folder and --overwrite deletes it: choose one")
     return check_run_folder(cfg)
 
 
-def load_corpus(cfg: RunConfig) -> Corpus:
-    """The user's --data, or the standard library's source; refuses data too small for a batch."""
-    if cfg.data is None:
-        corpus = load_stdlib_corpus(held_out_fraction=cfg.held_out_fraction)
+def load_corpus(cfg: RunConfig, tokenizer=None) -> Corpus:
+    """The user's --data (text, or a token file mapped from disk), or the standard library's
+    source, encoded by `tokenizer` (None: bytes); refuses data too small for a batch."""
+    if cfg.data is not None and token_files.is_token_file(cfg.data):
+        corpus = token_corpus(cfg.data, tokenizer)
+    elif cfg.data is None:
+        corpus = load_stdlib_corpus(held_out_fraction=cfg.held_out_fraction, tokenizer=tokenizer)
     else:
-        corpus = load_text_corpus(cfg.data, held_out_fraction=cfg.held_out_fraction)
+        corpus = load_text_corpus(cfg.data, held_out_fraction=cfg.held_out_fraction, tokenizer=tokenizer,
+                                  separator=cfg.separator)
     needed = cfg.batch_size * (cfg.seq_len + 1)
     if len(corpus.train) < needed:
         raise ValueError(
@@ -221,6 +249,22 @@ def load_corpus(cfg: RunConfig) -> Corpus:
             f"one sequence of seq_len + 1 = {cfg.seq_len + 1}; lower --seq-len"
         )
     return corpus
+
+
+def token_corpus(path: str, tokenizer=None) -> Corpus:
+    """A token file as a Corpus whose streams are views of the memory map (nothing is read);
+    refused when it was written by another tokenizer than the run's."""
+    tf = token_files.open_token_file(path)
+    want = token_files.BYTES if tokenizer is None else tokenizer.fingerprint
+    if tf.tokenizer is not None and tf.tokenizer != want:
+        raise ValueError(f"token file {path} was written by tokenizer {tf.tokenizer}, but this run encodes with "
+                         f"{want}: rewrite it with the run's tokenizer (python -m jaxdec.hf tokens --gguf/--checkpoint "
+                         "for --init, python -m jaxdec.data.tokens write for the byte tokenizer)")
+    vocab = TOKENIZER.vocab_size if tokenizer is None else tokenizer.vocab_size
+    if tf.vocab_size is not None and tf.vocab_size > vocab:
+        raise ValueError(f"token file {path} has vocab_size {tf.vocab_size}, above the model's {vocab}")
+    return Corpus(name=str(path), train=tf.train, held_out=tf.held_out, train_files=(str(path),),
+                  held_out_files=(str(path),))
 
 
 def setup_mesh(cfg: RunConfig):
@@ -285,13 +329,17 @@ def evaluate(state: TrainState, batches: list[dict]) -> dict:
             "eval_accuracy": sums["correct"] / max(sums["tokens"], 1.0), "eval_tokens": sums["tokens"]}
 
 
-def held_out_prompts(corpus: Corpus, num: int, length: int) -> list[np.ndarray]:
-    """The openings of held-out documents (each after its BOS), `length` tokens each."""
+def held_out_prompts(corpus: Corpus, num: int, length: int, eos_id: int = TOKENIZER.eos_id) -> list[np.ndarray]:
+    """The openings of held-out documents, `length` tokens each (a byte document's starts with
+    its BOS). Without document offsets (a token file), documents start after an EOS in the
+    stream's first million tokens, so the file is not read whole."""
     stream = corpus.held_out
-    starts = np.flatnonzero(stream == TOKENIZER.bos_id)
-    if len(starts) == 0:
-        starts = np.array([0])
-    prompts = [stream[s : s + length].astype(np.int32) for s in starts[:num]]
+    if corpus.held_out_offsets is not None:
+        starts = corpus.held_out_offsets[:-1]
+    else:
+        head = np.asarray(stream[: 1 << 20])
+        starts = np.r_[0, np.flatnonzero(head[:-1] == eos_id) + 1]
+    prompts = [np.asarray(stream[s : s + length]).astype(np.int32) for s in starts[:num]]
     return [p for p in prompts if len(p) > 0]
 
 
@@ -306,18 +354,19 @@ def check_finite(result, what: str) -> None:
             "lower the learning rate or check the data)")
 
 
-def sample_texts(state: TrainState, prompts: list[np.ndarray], new_tokens: int, key: jax.Array) -> list[str]:
+def sample_texts(state: TrainState, prompts: list[np.ndarray], new_tokens: int, key: jax.Array,
+                 tokenizer=TOKENIZER) -> list[str]:
     """Continues each prompt with the KV cache (top-k 10 sampling), decoded to text."""
     width = max(len(p) for p in prompts)
-    batch = np.full((len(prompts), width), TOKENIZER.pad_id, np.int32)
+    batch = np.full((len(prompts), width), tokenizer.pad_id, np.int32)
     for i, p in enumerate(prompts):
         batch[i, : len(p)] = p
     lengths = np.array([len(p) for p in prompts], np.int32)
     result = generate(state.params, state.model_config, batch, lengths, max_new_tokens=new_tokens,
-                      sampler=TopK(10, temperature=0.8), key=key, eos_id=TOKENIZER.eos_id,
-                      pad_id=TOKENIZER.pad_id, mesh=state.mesh)
+                      sampler=TopK(10, temperature=0.8), key=key, eos_id=tokenizer.eos_id,
+                      pad_id=tokenizer.pad_id, mesh=state.mesh)
     check_finite(result, "samples")
-    return [TOKENIZER.decode(p) + " ⟶ " + TOKENIZER.decode(np.asarray(t)) for p, t in zip(prompts, result.tokens)]
+    return [tokenizer.decode(p) + " ⟶ " + tokenizer.decode(np.asarray(t)) for p, t in zip(prompts, result.tokens)]
 
 
 def decode_speed(state: TrainState, prompt: np.ndarray, new_tokens: int, repeats: int = 3) -> dict:
@@ -332,45 +381,89 @@ def decode_speed(state: TrainState, prompt: np.ndarray, new_tokens: int, repeats
 
 
 class LMTask:
-    """Next-byte prediction on a text corpus; scored in held-out bits per byte."""
+    """Next-token prediction on a text corpus; scored in held-out bits per byte.
 
-    def __init__(self, cfg: RunConfig):
+    tokenizer: None for the byte tokenizer, else the --init model's `jaxdec.hf.TextTokenizer`
+    (bits per byte then divide the held-out nats by the UTF-8 bytes of the targets).
+    """
+
+    def __init__(self, cfg: RunConfig, tokenizer=None):
         self.cfg = cfg
-        self.corpus = load_corpus(cfg)
+        self.tokenizer = tokenizer or TOKENIZER
+        self.corpus = load_corpus(cfg, tokenizer)
         print(f"data: {self.corpus.name}: {len(self.corpus.train):,} train / "
               f"{len(self.corpus.held_out):,} held-out tokens ({len(self.corpus.train_files)} / "
               f"{len(self.corpus.held_out_files)} files)")
+        self.bytes_per_id = None if tokenizer is None else tokenizer.byte_lengths()
+        self.packed = self.held_packed = None
+        if cfg.pack:
+            self.packed, self.held_packed = (
+                pack_documents(documents_of(stream, offsets), cfg.seq_len + 1, self.tokenizer.pad_id)
+                for stream, offsets in ((self.corpus.train, self.corpus.train_offsets),
+                                        (self.corpus.held_out, self.corpus.held_out_offsets)))
+            print(f"packed {len(self.packed.pieces):,} documents (pieces of at most {cfg.seq_len + 1} tokens) into "
+                  f"{len(self.packed.tokens):,} rows: {100 * self.packed.padding_fraction:.2f}% padding, against "
+                  f"{100 * self.packed.unpacked_padding_fraction:.2f}% with one document per row")
         self.eval_data = self._eval_data(cfg.eval_batches)
 
     def _eval_data(self, n: int) -> list[dict]:
+        if self.held_packed is not None:
+            return packed_eval_batches(self.held_packed, batch_size=self.cfg.batch_size, max_batches=n)
         return eval_batches(self.corpus.held_out, batch_size=self.cfg.batch_size,
                             seq_len=self.cfg.seq_len, max_batches=n)
 
     def train_batch(self, step: int) -> dict:
+        if self.packed is not None:
+            return sample_packed_batch(self.packed, batch_size=self.cfg.batch_size, seed=self.cfg.train.seed, step=step)
         return sample_batch(self.corpus.train, batch_size=self.cfg.batch_size,
                             seq_len=self.cfg.seq_len, seed=self.cfg.train.seed, step=step)
 
+    def _score(self, state: TrainState, batches: list[dict]) -> dict:
+        ev = evaluate(state, batches)
+        if self.bytes_per_id is not None:  # nats over the targets' UTF-8 bytes, not over tokens
+            targets = [b["tokens"][:, 1:][_target_mask(b)] for b in batches]
+            n_bytes = sum(int(self.bytes_per_id[t].sum()) for t in targets)
+            ev["eval_bits_per_byte"] = ev["eval_loss"] * ev["eval_tokens"] / math.log(2.0) / max(n_bytes, 1)
+        return ev
+
     def evaluate(self, state: TrainState) -> dict:
-        return evaluate(state, self.eval_data)
+        return self._score(state, self.eval_data)
+
+    def final_evaluation(self, state: TrainState) -> dict:
+        """On the final evaluation's held-out batches (4x eval_batches): a pretrained model is
+        scored here before its first step, so before and after are the same tokens."""
+        return self._score(state, self._eval_data(4 * self.cfg.eval_batches))
 
     @staticmethod
     def describe(ev: dict) -> str:
-        return f"held-out loss {ev['eval_loss']:.3f}, {ev['eval_bits_per_byte']:.3f} bits/byte"
+        return f"held-out loss {ev['eval_loss']:.4f}, {ev['eval_bits_per_byte']:.4f} bits/byte"
 
     def finish(self, state: TrainState) -> tuple[dict, str]:
         cfg = self.cfg
-        final = evaluate(state, self._eval_data(4 * cfg.eval_batches))
-        prompts = held_out_prompts(self.corpus, cfg.num_samples, min(48, cfg.model.max_len // 2))
+        final = self.final_evaluation(state)
+        prompts = held_out_prompts(self.corpus, cfg.num_samples, min(48, cfg.model.max_len // 2),
+                                   self.tokenizer.eos_id)
         if prompts:
             new = min(cfg.sample_tokens, cfg.model.max_len - max(len(p) for p in prompts) + 1)
             print("\nsamples (KV cache, top-k 10, temperature 0.8), held-out prompt ⟶ continuation:")
-            for text in sample_texts(state, prompts, new, jax.random.fold_in(state.key, cfg.steps)):
+            for text in sample_texts(state, prompts, new, jax.random.fold_in(state.key, cfg.steps), self.tokenizer):
                 print("-" * 80 + "\n" + text)
-            speed = decode_speed(state, prompts[0], new)
-            print("-" * 80)
-            print(f"decode speed, batch 1, {new} new tokens: cached {speed['cached']:,.0f} tok/s, "
-                  f"uncached {speed['uncached']:,.0f} tok/s ({speed['speedup']:.1f}x)")
+            if cfg.init is None:  # the cached / uncached comparison is for the models trained here
+                speed = decode_speed(state, prompts[0], new)
+                print("-" * 80)
+                print(f"decode speed, batch 1, {new} new tokens: cached {speed['cached']:,.0f} tok/s, "
+                      f"uncached {speed['uncached']:,.0f} tok/s ({speed['speedup']:.1f}x)")
+        print(f"final evaluation, {int(final['eval_tokens']):,} held-out targets: {self.describe(final)}")
         return final, f"held-out bits/byte: {final['eval_bits_per_byte']:.4f}"
+
+
+def _target_mask(batch: dict) -> np.ndarray:
+    """bool [B, T]: the targets a batch scores (within one segment, for packed rows)."""
+    tokens = batch["tokens"]
+    if "segment_ids" not in batch:
+        return np.ones((tokens.shape[0], tokens.shape[1] - 1), bool)
+    seg = batch["segment_ids"]
+    return (seg[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
 
 
 def translate_dates(state: TrainState, sources: list[str], source_len: int) -> list[str]:
@@ -430,6 +523,33 @@ class DatesTask:
         return final, f"held-out exact match: {100 * final['eval_exact_match']:.2f}%"
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pretrained:
+    """What --init brings: the checkpoint (config, params, special ids), its tokenizer
+    (`jaxdec.hf.TextTokenizer`) and chat template."""
+
+    checkpoint: object
+    tokenizer: object
+    chat_template: str | None
+
+
+def with_init(cfg: RunConfig) -> tuple[RunConfig, Pretrained]:
+    """The run with the --init model's config as `model`, and what --init brings.
+
+    Raises:
+      ValueError: the path is missing or not a supported model, or the model is not one this
+        run trains (a decoder-only model).
+    """
+    from jaxdec.hf.text import load_pretrained
+
+    if not pathlib.Path(cfg.init).expanduser().exists():
+        raise ValueError(f"--init {cfg.init!r} does not exist: give a Hugging Face folder or a .gguf file")
+    ckpt, tok, template = load_pretrained(str(pathlib.Path(cfg.init).expanduser()))
+    print(f"init: {cfg.init}: {ckpt.model_type}, {ckpt.config.num_layers} layers, d_model {ckpt.config.d_model}, "
+          f"vocab {ckpt.config.vocab_size:,}; its tokenizer encodes the data (documents end with id {tok.eos_id})")
+    return dataclasses.replace(cfg, model=ckpt.config), Pretrained(ckpt, tok, template)
+
+
 def run(cfg: RunConfig) -> dict:
     """Trains, evaluates, checkpoints and samples; returns the final held-out metrics.
 
@@ -437,10 +557,16 @@ def run(cfg: RunConfig) -> dict:
     `resume` and a matching config, replaced only with `overwrite`, and otherwise left untouched.
     """
     cfg = dataclasses.replace(cfg, name=run_name(cfg))  # config.json records the folder's name
+    pretrained = None
+    if cfg.init is not None:  # read only: the model's config is what the folder check compares
+        cfg, pretrained = with_init(cfg)
     folder = validate(cfg)
     mesh = setup_mesh(cfg)
     primary = jax.process_index() == 0
-    task = DatesTask(cfg) if family.of(cfg.model).takes_source else LMTask(cfg)
+    if family.of(cfg.model).takes_source:
+        task = DatesTask(cfg)
+    else:
+        task = LMTask(cfg, None if pretrained is None else pretrained.tokenizer)
     out = folder.path
     if jax.process_count() > 1:  # every process has read the folder before process 0 changes it
         multihost_utils.sync_global_devices(f"jaxdec run folder checked {out}")
@@ -460,9 +586,10 @@ def run(cfg: RunConfig) -> dict:
     # Every process logs the same (replicated) metrics; each to its own file.
     metrics_path = out / ("metrics.jsonl" if primary else f"metrics.process{jax.process_index()}.jsonl")
 
-    state = create_train_state(cfg.model, cfg.train, jax.random.key(cfg.train.seed), mesh=mesh)
+    state = create_train_state(cfg.model, cfg.train, jax.random.key(cfg.train.seed), mesh=mesh,
+                               params=None if pretrained is None else pretrained.checkpoint.params)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    print(f"model: {n_params:,} parameters; run folder {out}")
+    print(f"model: {n_params:,} parameters{'' if cfg.init is None else ' from ' + cfg.init}; run folder {out}")
     if mesh is not None:
         held = sharding.bytes_per_device((state.params, state.opt_state))
         print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} "
@@ -479,6 +606,11 @@ def run(cfg: RunConfig) -> dict:
         metrics_path.unlink()
 
     log = MetricsLog(metrics_path)
+    if pretrained is not None and start == 0:
+        ev = task.final_evaluation(state)
+        log.log(0, **ev)
+        print(f"step 0, the pretrained model, on the final evaluation's {int(ev['eval_tokens']):,} held-out "
+              f"targets: {task.describe(ev)}")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", dynamic_ncols=True,
                disable=not primary)
     window, window_tokens = Stopwatch(), []
@@ -510,6 +642,14 @@ def run(cfg: RunConfig) -> dict:
     if primary:
         plot_loss_curve(metrics_path, out / "loss.png", title=f"jaxdec {cfg.name}")
     print(f"metrics: {metrics_path}; loss curve: {out / 'loss.png'}")
+    if cfg.export is not None and primary:
+        from jaxdec.hf.export import export_folder
+
+        model_type = "llama" if pretrained is None else pretrained.checkpoint.model_type
+        export_folder(cfg.export, jax.device_get(state.params), cfg.model, model_type=model_type,
+                      tokenizer=None if pretrained is None else pretrained.tokenizer,
+                      chat_template=None if pretrained is None else pretrained.chat_template)
+        print(f"exported the trained model as a Hugging Face folder: {cfg.export}")
     if cfg.checkpoint_every:  # the report reads the run's config.json and newest checkpoint
         print(f"see inside: python -m jaxdec.tools.explain --checkpoint {ckpt_dir} --out {out / 'explain'}")
     print(final_line)

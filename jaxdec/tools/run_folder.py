@@ -48,7 +48,7 @@ def run_dir(cfg: RunConfig) -> pathlib.Path:
 RESUMABLE_FIELDS = frozenset({
     "name", "runs_dir", "steps", "eval_every", "eval_batches", "log_every", "checkpoint_every",
     "keep_checkpoints", "resume", "overwrite", "num_samples", "sample_tokens", "eval_examples",
-    "mesh", "num_cpu_devices", "coordinator_address", "num_processes", "process_id", "distributed",
+    "mesh", "num_cpu_devices", "coordinator_address", "num_processes", "process_id", "distributed", "export",
 })
 
 _ABSENT = "(absent)"
@@ -118,7 +118,7 @@ def _field_default(cfg: RunConfig, key: str):
 
 
 def _data_key(data):
-    """--data as a comparable path: "notes.txt" and "./notes.txt" are the same data."""
+    """--data or --init as a comparable path: "notes.txt" and "./notes.txt" are the same data."""
     return None if data is None else str(pathlib.Path(data).expanduser().resolve())
 
 
@@ -133,7 +133,7 @@ def config_differences(saved: dict, cfg: RunConfig) -> list[str]:
             continue
         o = old.get(key, _field_default(cfg, key))
         n = new.get(key, _ABSENT)
-        same = _data_key(o) == _data_key(n) if key == "data" else o == n
+        same = _data_key(o) == _data_key(n) if key in ("data", "init") else o == n
         if not same:
             lines.append(f"{key}: {o!r} -> {n!r}")
     return lines

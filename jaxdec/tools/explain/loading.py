@@ -10,7 +10,7 @@ import pathlib
 import jax
 
 from jaxdec import api, checkpoint
-from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
+from jaxdec.config import DecoderConfig, RopeScaling, Seq2SeqConfig, TrainConfig
 from jaxdec.data.tokenizer import VOCAB_SIZE
 
 
@@ -52,7 +52,10 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike) -> LoadedModel:
                                 "(expected a train.py run folder: <run>/config.json, <run>/checkpoints/)")
     run = json.loads(config_path.read_text())
     model_cls = Seq2SeqConfig if "num_encoder_layers" in run["model"] else DecoderConfig
-    model_config = model_cls(**_fields(model_cls, run["model"]))
+    fields = _fields(model_cls, run["model"])
+    if isinstance(fields.get("rope_scaling"), dict):  # a RopeScaling, as JSON holds it
+        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    model_config = model_cls(**fields)
     train_config = TrainConfig(**_fields(TrainConfig, run["train"]))
     # One compiled program builds the template (its values are ignored, its layout is used).
     template = jax.jit(create_train_state, static_argnums=(0, 1))(model_config, train_config,
