@@ -68,13 +68,41 @@ def check_params(params, config: ModelConfig) -> None:
 
 
 def apply(params, config, tokens, lengths, *, source=None, source_lengths=None,
-          dropout_rate: float = 0.0, rng=None, tuning: Tuning = PLAIN) -> jax.Array:
-    """Traceable teacher-forcing forward pass with no host checks: logits float32 [B, T, V]."""
+          dropout_rate: float = 0.0, rng=None, tuning: Tuning = PLAIN, segment_ids=None,
+          remat: str = "none") -> jax.Array:
+    """Traceable teacher-forcing forward pass with no host checks: logits float32 [B, T, V].
+
+    segment_ids (int [B, T], packed documents) and remat (`model.remat_block`) reach the family's
+    forward only when given, so a family without them still runs the rest."""
+    extra = {} if segment_ids is None else {"segment_ids": segment_ids}
+    if remat != "none":
+        extra["remat"] = remat
     return family.of(config).forward(params, config, tokens, lengths, source, source_lengths,
-                                     dropout_rate, rng, tuning=tuning)
+                                     dropout_rate, rng, tuning=tuning, **extra)
 
 
-_apply_jit = jax.jit(apply, static_argnames=("config", "dropout_rate", "tuning"))
+_apply_jit = jax.jit(apply, static_argnames=("config", "dropout_rate", "tuning", "remat"))
+
+
+def check_segment_ids(name: str, segment_ids, shape: tuple[int, ...], config, lengths=None,
+                      check_values: bool | None = None) -> None:
+    """Host checks of packed documents' segment ids: an integer array of `shape`, for a
+    decoder-only config, not given together with lengths (segment id 0 marks padding, so lengths
+    would be a second, possibly contradicting, account of it), and (with check_values; None: when
+    the array is concrete) no negative id. ValueError naming the bad value."""
+    if family.of(config).takes_source:
+        raise ValueError(f"{name} (packed documents) are for a decoder-only model, got a "
+                         f"{type(config).__name__}: an encoder-decoder row holds one source and one target")
+    if lengths is not None:
+        raise ValueError(f"give {name} or lengths, not both: segment id 0 marks the padding")
+    checks.check_int_array(name, segment_ids, len(shape))
+    if tuple(np.shape(segment_ids)) != tuple(shape):
+        raise ValueError(f"{name} must have the tokens' shape {tuple(shape)}, got {tuple(np.shape(segment_ids))}")
+    if check_values is None:
+        check_values = checks.is_concrete(segment_ids)
+    if check_values and np.size(segment_ids) and int(np.min(segment_ids)) < 0:
+        raise ValueError(f"{name} holds {int(np.min(segment_ids))}: ids are 1, 2, ... per document and "
+                         "0 for padding, never negative")
 
 
 def check_source(config, source, source_lengths):
@@ -107,7 +135,7 @@ def _check_forward_args(params, config, tokens, lengths):
 
 
 def forward(params, config: ModelConfig, tokens, lengths=None, *, source=None, source_lengths=None,
-            dropout_rate: float = 0.0, rng=None) -> jax.Array:
+            dropout_rate: float = 0.0, rng=None, segment_ids=None) -> jax.Array:
     """Teacher-forcing forward pass: every position predicted in parallel.
 
     Args:
@@ -118,6 +146,9 @@ def forward(params, config: ModelConfig, tokens, lengths=None, *, source=None, s
       source, source_lengths: encoder input int32 [B, S] and its real lengths [B] (1..S),
         required by a Seq2SeqConfig and refused by a DecoderConfig.
       dropout_rate, rng: dropout on embeddings and residual branches (training only).
+      segment_ids: int32 [B, T], several documents per row (decoder-only): 1, 2, ... per
+        document, 0 for padding (then no lengths). Each token attends only within its document
+        and positions restart at each, so a document's logits are those it has alone.
 
     Returns:
       float32 [B, T, V] logits; logits[:, t] predicts token t + 1.
@@ -125,11 +156,18 @@ def forward(params, config: ModelConfig, tokens, lengths=None, *, source=None, s
     Raises:
       ValueError (before any compute) for params whose tree or shapes differ from the config's,
       a wrong rank or dtype, an empty batch, T > max_len,
-      ids outside [0, vocab_size) or lengths outside [0, T]. Under an outer jit the value checks
-      cannot run: use `forward_checked`.
+      ids outside [0, vocab_size), lengths outside [0, T], segment ids unlike tokens' shape or
+      negative, or given with lengths or to an encoder-decoder. Under an outer jit the value
+      checks cannot run: use `forward_checked`.
     """
     tokens, lengths = checks.as_array(tokens), checks.as_array(lengths)
     source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
+    segment_ids = checks.as_array(segment_ids)
+    if segment_ids is not None:
+        check_config(config)
+        checks.check_int_array("tokens", tokens, 2)
+        check_segment_ids("segment_ids", segment_ids, np.shape(tokens), config, lengths)
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
     lengths = _check_forward_args(params, config, tokens, lengths)
     source_lengths = check_source(config, source, source_lengths)
     if source is not None:
@@ -138,7 +176,7 @@ def forward(params, config: ModelConfig, tokens, lengths=None, *, source=None, s
         source = jnp.asarray(source, jnp.int32)
     return _apply_jit(params, config, jnp.asarray(tokens, jnp.int32), lengths, source=source,
                       source_lengths=source_lengths, dropout_rate=dropout_rate, rng=rng,
-                      tuning=for_arrays(params))
+                      tuning=for_arrays(params), segment_ids=segment_ids)
 
 
 def _checked_apply(params, config, tokens, lengths):

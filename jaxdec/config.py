@@ -14,6 +14,8 @@ Norm = Literal["layer", "rms", "rms_plus_one"]
 MLP = Literal["plain", "gated"]
 QKNorm = Literal["none", "head", "projection"]
 RopeKind = Literal["linear", "llama3", "yarn"]
+Optimizer = Literal["adamw", "lion", "adafactor", "muon"]
+Remat = Literal["none", "full", "dots"]
 
 _POSITIONS = ("learned", "sinusoidal", "rope")
 _NORM_POSITIONS = ("pre", "post", "sandwich", "post_branch")
@@ -22,6 +24,8 @@ _NORMS = ("layer", "rms", "rms_plus_one")
 _MLPS = ("plain", "gated")
 _QK_NORMS = ("none", "head", "projection")
 _ROPE_KINDS = ("linear", "llama3", "yarn")
+OPTIMIZERS = ("adamw", "lion", "adafactor", "muon")
+REMATS = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,7 +355,8 @@ class TrainConfig:
         learning_rate * end_lr_fraction.
       end_lr_fraction: final rate as a fraction of the peak.
       b1, b2, eps: AdamW moments.
-      weight_decay: decoupled weight decay, applied to matrices only (not norms or biases).
+      weight_decay: decoupled weight decay (times the scheduled learning rate), applied to weight
+        matrices only: not to norms, biases or (unless decay_embeddings) embeddings.
       clip_norm: global gradient-norm clipping threshold (None: no clipping).
       grad_accum_steps: micro-batches averaged per optimizer update (optax.MultiSteps).
       dropout: dropout rate on embeddings and residual branches during training.
@@ -359,6 +364,20 @@ class TrainConfig:
       seed: seeds parameter init, data order and dropout.
       max_consecutive_nonfinite: skipped non-finite updates tolerated in a row before the update
         is applied anyway (optax.apply_if_finite's bound).
+      optimizer: the update rule, each under the same schedule, clipping and decay mask:
+        "adamw" (b1, b2, eps); "lion" (sign of the interpolated momentum, b1, b2; its authors use
+        a 3-10x lower learning_rate and higher weight_decay than AdamW's); "adafactor" (factored
+        second moments, optax's defaults, relative step sizes: learning_rate scales each update by
+        its parameter's RMS); "muon" (Newton-Schulz-orthogonalised momentum, beta b1, on each
+        layer's weight matrices, with RMS matched to AdamW's so one learning_rate serves both;
+        AdamW on embeddings, head, norms and biases). `training.make_optimizer` builds it.
+      decay_embeddings: also weight-decay the token and position embeddings. Norms and biases
+        are never decayed; weight matrices (and an untied head) always are.
+      remat: rematerialisation of each layer in the training step's backward pass: "none" (keep
+        every activation the backward pass needs), "full" (keep only each layer's input and
+        recompute the layer), "dots" (keep the outputs of the weight matmuls, recompute the rest,
+        the attention scores included). The loss and gradients are the same; memory and time
+        are not (`python -m jaxdec.tools.bench memory`).
     """
 
     learning_rate: float = 1e-3
@@ -375,6 +394,9 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     max_consecutive_nonfinite: int = 100
+    optimizer: Optimizer = "adamw"
+    decay_embeddings: bool = False
+    remat: Remat = "none"
 
     def __post_init__(self) -> None:
         if not self.learning_rate > 0:
@@ -392,3 +414,7 @@ class TrainConfig:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("remat", self.remat, REMATS)
+        if not isinstance(self.decay_embeddings, bool):
+            raise ValueError(f"decay_embeddings must be a bool, got {self.decay_embeddings!r}")

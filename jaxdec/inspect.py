@@ -17,8 +17,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxdec import api, checks, family
-from jaxdec.attention import decoder_self_mask, padding_mask
+from jaxdec import api, checks, family, layers
+from jaxdec.attention import combine_masks, decoder_self_mask, padding_mask
 from jaxdec.config import DecoderConfig, Seq2SeqConfig
 
 
@@ -35,7 +35,7 @@ class Attention:
       encoder_attention: Le arrays float32 [B, N, S, S], the encoder's bidirectional
         self-attention per layer; None for a decoder-only model.
       masks: the boolean masks the pass used (True = may attend): "self" bool [B, T, T]
-        (causal AND padding); for an encoder-decoder also "cross" bool [B, T, S] and
+        (causal AND padding, AND same document with segment ids); for an encoder-decoder also "cross" bool [B, T, S] and
         "encoder" bool [B, S, S] (source padding).
     """
 
@@ -51,12 +51,17 @@ def _layers(stacked: jax.Array | None) -> list[jax.Array] | None:
     return None if stacked is None else [stacked[i] for i in range(stacked.shape[0])]
 
 
-def attention_unchecked(params, config, tokens, lengths, source=None, source_lengths=None) -> Attention:
+def attention_unchecked(params, config, tokens, lengths, source=None, source_lengths=None,
+                        segment_ids=None) -> Attention:
     """Traceable core of `attention` with no host checks: int32 inputs of the documented shapes."""
     B, T = tokens.shape
     masks = {"self": decoder_self_mask(lengths, T)}  # [B, T, T]
+    extra = {}
+    if segment_ids is not None:
+        masks["self"] = combine_masks(masks["self"], layers.segment_mask(segment_ids))
+        extra["segment_ids"] = segment_ids
     logits, probs = family.of(config).forward(params, config, tokens, lengths, source, source_lengths,
-                                              return_attention=True)
+                                              return_attention=True, **extra)
     encoder = _layers(probs.get("encoder"))
     if source is not None:
         S = source.shape[1]
@@ -71,7 +76,7 @@ _attention_jit = jax.jit(attention_unchecked, static_argnames=("config",))
 
 
 def attention(params, config: DecoderConfig | Seq2SeqConfig, tokens, lengths=None, *, source=None,
-              source_lengths=None) -> Attention:
+              source_lengths=None, segment_ids=None) -> Attention:
     """Logits, attention probabilities and masks of one teacher-forcing pass.
 
     Pure and jit-able (`jax.jit(attention, static_argnames="config")`); called eagerly it checks
@@ -85,6 +90,9 @@ def attention(params, config: DecoderConfig | Seq2SeqConfig, tokens, lengths=Non
       lengths: int32 [B], real tokens per row (0..T); None means all T.
       source: int32 [B, S], the encoder input (a Seq2SeqConfig needs it, a DecoderConfig refuses it).
       source_lengths: int32 [B], real source tokens per row (1..S); None means all S.
+      segment_ids: int32 [B, T], packed documents (decoder-only; `jaxdec.forward`): 1, 2, ...
+        per document, 0 for padding, instead of lengths. No token attends across a document's
+        boundary, so its rows are zero on every other document's keys.
 
     Returns:
       an `Attention` (logits float32 [B, T, V]; per-layer float32 probabilities; bool masks).
@@ -92,13 +100,18 @@ def attention(params, config: DecoderConfig | Seq2SeqConfig, tokens, lengths=Non
     Raises:
       ValueError, before any compute, naming the bad value: params unlike the config's, a
       wrong rank or dtype, T or S beyond
-      max_len, ids outside [0, vocab_size), lengths out of range, a source batch unlike tokens'.
+      max_len, ids outside [0, vocab_size), lengths out of range, a source batch unlike tokens',
+      segment ids unlike tokens' shape, negative, with lengths or for an encoder-decoder.
     """
     api.check_config(config)
     tokens, lengths = checks.as_array(tokens), checks.as_array(lengths)
     source, source_lengths = checks.as_array(source), checks.as_array(source_lengths)
+    segment_ids = checks.as_array(segment_ids)
     checks.check_sequence("tokens", tokens, config.vocab_size, config.max_len)
     B, T = jnp.shape(tokens)
+    if segment_ids is not None:
+        api.check_segment_ids("segment_ids", segment_ids, (B, T), config, lengths)
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
     if lengths is None:
         lengths = jnp.full((B,), T, jnp.int32)
     else:
@@ -110,5 +123,5 @@ def attention(params, config: DecoderConfig | Seq2SeqConfig, tokens, lengths=Non
         source = jnp.asarray(source, jnp.int32)
     api.check_params(params, config)
     return _attention_jit(params, config, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
-                          source, source_lengths)
+                          source, source_lengths, segment_ids)
 

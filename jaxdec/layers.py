@@ -96,6 +96,36 @@ def sinusoidal(positions: jax.Array, d_model: int, dtype=jnp.float32) -> jax.Arr
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).astype(dtype)
 
 
+# --- packed documents -------------------------------------------------------------------------
+# Several documents share a row, told apart by segment ids int [B, T]: 1, 2, ... per document,
+# 0 for padding. A document is a run of equal ids, so an id reused later in the row starts a new
+# document rather than joining the earlier one.
+
+
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """bool [B, T]: True where a document begins, at t = 0 and wherever segment_ids[t] differs
+    from segment_ids[t - 1]. A document is a run of equal ids (padding, id 0, is runs too)."""
+    B = segment_ids.shape[0]
+    return jnp.concatenate([jnp.ones((B, 1), jnp.bool_), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at each document: segment_ids int [B, T] -> int32 [B, T]
+    (slot t minus the slot its document began at)."""
+    T = segment_ids.shape[1]
+    slots = jnp.arange(T, dtype=jnp.int32)[None, :]
+    begun = jax.lax.cummax(jnp.where(segment_starts(segment_ids), slots, 0), axis=1)  # [B, T]
+    return slots - begun
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """bool [B, T, T]: query t may see key s iff both lie in the same document (run of equal
+    ids). With the causal mask this is block-diagonal causal: no token sees another document,
+    and no real token sees padding (id 0 runs are documents no real token is in)."""
+    document = jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)  # [B, T], run index
+    return document[:, :, None] == document[:, None, :]
+
+
 def rope_frequencies(rotary_dim: int, base: float, scaling=None) -> tuple[jax.Array, float]:
     """RoPE's inverse frequencies float32 [R/2] (base^(-2i/R)) after `scaling` (a
     config.RopeScaling or None), and the cos/sin multiplier (yarn's attention factor, else 1).

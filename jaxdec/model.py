@@ -267,13 +267,36 @@ def scan_blocks(body, carry, stacked: dict, extra_xs=None, unroll: int = 1):
                         unroll=min(L, unroll))
 
 
+# What `jax.checkpoint` keeps of each layer for the backward pass, by `TrainConfig.remat`.
+# "dots" keeps the matmuls without batch dimensions: the projections and the MLP, whose outputs
+# cost O(T * D) memory and most of the FLOPs. The attention's own dots (scores and weighted
+# values) have batch dimensions (B, K), so they are recomputed: their [B, N, T, T] scores are
+# what grows fastest with T. `checkpoint_dots` would keep those scores too.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_block(body, remat: str = "none"):
+    """The scan body `body` under `jax.checkpoint` with the `REMAT_POLICIES[remat]` policy, or
+    unchanged for "none". Inside a scan, common-subexpression elimination cannot merge the
+    recomputation with the forward pass, so prevent_cse is off (JAX's advice for scan bodies)."""
+    if remat == "none":
+        return body
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of ('none', {', '.join(map(repr, REMAT_POLICIES))}), got {remat!r}")
+    return jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
 def causal_query_block(T: int, tuning: Tuning = PLAIN) -> int:
     """Query rows per block of a causal self-attention over T positions (`attend_causal`)."""
     return max(tuning.causal_min_rows, -(-T // tuning.causal_blocks))
 
 
 def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=None, cross=None,
-               return_attention: bool = False, causal: bool = False, tuning: Tuning = PLAIN):
+               return_attention: bool = False, causal: bool = False, tuning: Tuning = PLAIN,
+               remat: str = "none"):
     """All blocks over a full sequence: x [B,T,D] -> x [B,T,D], attention.
 
     mask: bool broadcastable to [B, T, T]. causal: the mask hides every later key (decoder
@@ -281,7 +304,8 @@ def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=N
     CrossKV for encoder-decoder blocks, which run cross-attention between self-attention and the
     MLP. With return_attention, attention is {"self": float32 [L, B, N, T, T], "cross": float32
     [L, B, N, T, S] or None} (from one pass over the whole square); else None. tuning: the
-    causal query blocks and the layer unroll.
+    causal query blocks and the layer unroll. remat: what each block keeps for the backward pass
+    (`remat_block`); the values are the same whatever it is.
     """
     drop = _dropper(dropout_rate, rng)
     cross_mask = None if cross is None else cross.mask()
@@ -309,27 +333,37 @@ def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=N
         x = mlp_sublayer(p, config, x, lambda y: drop(y, 3 * i + 3))
         return x, ({"self": self_probs, "cross": cross_probs} if return_attention else None)
 
-    return scan_blocks(block, x, params["layers"], _cross_xs(cross), unroll=tuning.layer_unroll)
+    return scan_blocks(remat_block(block, remat), x, params["layers"], _cross_xs(cross),
+                       unroll=tuning.layer_unroll)
 
 
 # --- forward (teacher forcing) ----------------------------------------------------------------
 
 
 def decoder_logits(params, config, tokens, lengths, dropout_rate=0.0, rng=None, cross=None,
-                   return_attention: bool = False, tuning: Tuning = PLAIN):
+                   return_attention: bool = False, tuning: Tuning = PLAIN, segment_ids=None,
+                   remat: str = "none"):
     """Traceable forward pass without host checks: tokens [B,T], lengths [B] -> logits [B,T,V].
 
     cross: the encoder's cross-attention K/V, for the encoder-decoder's decoder. With
     return_attention, returns (logits, {"self": float32 [L,B,N,T,T], "cross": float32
-    [L,B,N,T,S] or None}), the probabilities this very pass used.
+    [L,B,N,T,S] or None}), the probabilities this very pass used. segment_ids: int [B, T],
+    packed documents (runs of equal ids; 0 marks padding): each token attends only within its
+    document (`layers.segment_mask`) and positions restart at each (`layers.segment_positions`),
+    so a document's logits are those it has alone. remat: `remat_block`'s choice for training.
     """
     B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask = decoder_self_mask(lengths, T)
+    if segment_ids is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    else:
+        positions = layers.segment_positions(segment_ids)
+        mask = combine_masks(mask, layers.segment_mask(segment_ids))
     x = embed_inputs(params, config, tokens, positions)
     x = _dropper(dropout_rate, rng)(x, 0)
-    mask = decoder_self_mask(lengths, T)
     x, attention = run_layers(params, config, x, positions, mask, dropout_rate, rng, cross=cross,
-                              return_attention=return_attention, causal=True, tuning=tuning)
+                              return_attention=return_attention, causal=True, tuning=tuning,
+                              remat=remat)
     logits = output_logits(params, config, x)
     return (logits, attention) if return_attention else logits
 
@@ -560,10 +594,12 @@ def recompute_step(params, config, buf: TokenBuffer, tokens: jax.Array, position
 
 
 def _forward(params, config: DecoderConfig, tokens, lengths, source=None, source_lengths=None,
-             dropout_rate: float = 0.0, rng=None, return_attention: bool = False, tuning: Tuning = PLAIN):
+             dropout_rate: float = 0.0, rng=None, return_attention: bool = False, tuning: Tuning = PLAIN,
+             segment_ids=None, remat: str = "none"):
     del source, source_lengths  # a decoder-only model has no encoder
     return decoder_logits(params, config, tokens, lengths, dropout_rate, rng,
-                          return_attention=return_attention, tuning=tuning)
+                          return_attention=return_attention, tuning=tuning, segment_ids=segment_ids,
+                          remat=remat)
 
 
 def _prefill(params, config: DecoderConfig, tokens, lengths, capacity: int, source=None,

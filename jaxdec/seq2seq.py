@@ -69,11 +69,12 @@ def decoder_view(params: dict) -> dict:
 
 def encode(params: dict, config: Seq2SeqConfig, source: jax.Array, source_lengths: jax.Array,
            dropout_rate: float = 0.0, rng: jax.Array | None = None, return_attention: bool = False,
-           tuning: Tuning = PLAIN):
+           tuning: Tuning = PLAIN, remat: str = "none"):
     """The encoder: source int32 [B, S], source_lengths int32 [B] -> encoded [B, S, D].
 
     Padding keys are masked in every layer, so outputs at real positions do not depend on what
     the padding holds. With return_attention, returns (encoded, probs float32 [L, B, N, S, S]).
+    remat: what each layer keeps for the backward pass (`model.remat_block`).
     """
     enc = encoder_view(params)
     B, S = source.shape
@@ -83,7 +84,7 @@ def encode(params: dict, config: Seq2SeqConfig, source: jax.Array, source_length
         x = layers.dropout(x, dropout_rate, layers.fold_key(rng, 0))
     mask = padding_mask(source_lengths, S)[:, None, :]  # [B, 1, S]
     x, attention = model.run_layers(enc, config, x, positions, mask, dropout_rate, rng,
-                                    return_attention=return_attention, tuning=tuning)
+                                    return_attention=return_attention, tuning=tuning, remat=remat)
     if "final_norm" in enc:
         x = layers.layer_norm(enc["final_norm"], x, config.layer_norm_eps)
     return (x, attention["self"]) if return_attention else x
@@ -103,18 +104,28 @@ def cross_kv(params: dict, config: Seq2SeqConfig, encoded: jax.Array, source_len
 
 def seq2seq_logits(params: dict, config: Seq2SeqConfig, tokens: jax.Array, lengths: jax.Array,
                    source: jax.Array, source_lengths: jax.Array, dropout_rate: float = 0.0,
-                   rng: jax.Array | None = None, return_attention: bool = False, tuning: Tuning = PLAIN):
+                   rng: jax.Array | None = None, return_attention: bool = False, tuning: Tuning = PLAIN,
+                   segment_ids=None, remat: str = "none"):
     """Teacher forcing: decoder tokens [B, T] (e.g. [BOS] + target) -> logits float32 [B, T, V].
 
     With return_attention, returns (logits, {"self": [L,B,N,T,T], "cross": [L,B,N,T,S],
-    "encoder": [Le,B,N,S,S]}), float32 probabilities of this very pass.
+    "encoder": [Le,B,N,S,S]}), float32 probabilities of this very pass. remat: what each
+    encoder and decoder layer keeps for the backward pass (`model.remat_block`).
+
+    Raises:
+      ValueError for segment_ids: packed documents are the decoder-only family's (one source per
+      row gives no document boundary the decoder could keep to).
     """
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packed documents) are for a decoder-only model (DecoderConfig); "
+                         "an encoder-decoder row holds one source and one target")
     enc_rng, dec_rng = (None, None) if rng is None else layers.split_key(rng)
-    encoded = encode(params, config, source, source_lengths, dropout_rate, enc_rng, return_attention, tuning)
+    encoded = encode(params, config, source, source_lengths, dropout_rate, enc_rng, return_attention, tuning,
+                     remat)
     encoded, enc_probs = encoded if return_attention else (encoded, None)
     cross = cross_kv(params, config, encoded, source_lengths)
     out = model.decoder_logits(decoder_view(params), config, tokens, lengths, dropout_rate, dec_rng,
-                               cross=cross, return_attention=return_attention, tuning=tuning)
+                               cross=cross, return_attention=return_attention, tuning=tuning, remat=remat)
     if not return_attention:
         return out
     logits, attention = out

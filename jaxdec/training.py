@@ -2,7 +2,9 @@
 
 The model reads `tokens[:, :-1]` and is scored on `tokens[:, 1:]`, every position in parallel
 under the causal mask. A target counts iff it is a real token (index < the row's length), so
-padding has weight zero. The step is one pure function of (state, batch). On a mesh
+padding has weight zero. A row may pack several documents (`batch["segment_ids"]`): each token
+attends only within its own document, positions restart at each, and a target counts only
+inside its document, so a packed row trains exactly as its documents would on rows of their own. The step is one pure function of (state, batch). On a mesh
 (`create_train_state(..., mesh=)`) the same step runs sharded: the state carries its mesh (static)
 and the step pins the batch, gradients and new state to the shardings `jaxdec.sharding` names, so
 a step returns the state with the shardings it was given.
@@ -24,8 +26,8 @@ from jax.experimental import checkify
 from jax.sharding import Mesh
 
 from jaxdec import checks, family, sampling, sharding, tuning
-from jaxdec.api import apply, check_params, init_params
-from jaxdec.config import DecoderConfig, TrainConfig
+from jaxdec.api import apply, check_params, check_segment_ids, init_params
+from jaxdec.config import OPTIMIZERS, DecoderConfig, TrainConfig
 from jaxdec.tuning import Tuning
 
 
@@ -43,6 +45,8 @@ class TrainState:
       mesh: static; the (data, fsdp, tensor) mesh the arrays are placed on, or None (one device).
       tuning: static; the platform's speed choices (`jaxdec.tuning`), resolved when the state is
         created (the mesh's platform, else JAX's default backend).
+      optimizer: static; a custom optax GradientTransformation (`create_train_state(...,
+        optimizer=)`) in place of train_config.optimizer's, or None.
     """
 
     params: dict
@@ -53,6 +57,7 @@ class TrainState:
     train_config: TrainConfig = flax.struct.field(pytree_node=False)
     mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
     tuning: Tuning = flax.struct.field(pytree_node=False, default=tuning.PLAIN)
+    optimizer: optax.GradientTransformation | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -66,24 +71,107 @@ def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
     )
 
 
-def _decay_mask(params):
-    """Weight decay on matrices only: norms, biases (rank < 2) are not decayed."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+# Parameter names (the last dict key of a leaf's path) of the token and position embeddings.
+EMBEDDINGS = ("embed", "pos_embed")
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine, global-norm clipping, a non-finite guard and accumulation.
+def _keys(path) -> list[str]:
+    return [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+
+
+def _is_matrix(path, leaf) -> bool:
+    """A weight matrix: rank 2, or rank 3 under "layers" (the [L, I, O] stack of L matrices).
+    Stacked norms and biases are [L, D] / [L, O]: vectors, however many dimensions they have."""
+    return leaf.ndim - ("layers" in _keys(path)) >= 2
+
+
+def decay_mask(params, decay_embeddings: bool = False):
+    """The leaves weight decay applies to (True): weight matrices, an untied head included;
+    embeddings only with decay_embeddings; never norms or biases (`_is_matrix`)."""
+    def decays(path, leaf):
+        keys = _keys(path)
+        if keys and keys[-1] in EMBEDDINGS:
+            return decay_embeddings
+        return _is_matrix(path, leaf)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def muon_dimension_numbers(params):
+    """Muon's view of each leaf: a layer's stacked matrix [L, I, O] contracts axis 1 and outputs
+    axis 2, so the layer axis 0 is a batch axis and each layer's [I, O] matrix is orthogonalised
+    on its own; every other leaf (embeddings, head, norms, biases) is None: not Muon's."""
+    def numbers(path, leaf):
+        if "layers" in _keys(path) and leaf.ndim == 3:
+            return optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+        return None
+
+    return jax.tree_util.tree_map_with_path(numbers, params)
+
+
+def _muon_labels(params):
+    dims = muon_dimension_numbers(params)
+    return jax.tree.map(lambda d: "adam" if d is None else "muon", dims, is_leaf=lambda d: d is None
+                        or isinstance(d, optax.contrib.MuonDimensionNumbers))
+
+
+def update_rule(tc: TrainConfig) -> optax.GradientTransformation:
+    """tc.optimizer's update under the schedule, with decoupled weight decay (times the scheduled
+    rate) on `decay_mask`'s leaves; no clipping, guard or accumulation (`make_optimizer`)."""
+    schedule = learning_rate_schedule(tc)
+    mask = functools.partial(decay_mask, decay_embeddings=tc.decay_embeddings)
+    adamw = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, mask=mask)
+    if tc.optimizer == "adamw":
+        return adamw
+    if tc.optimizer == "lion":
+        return optax.lion(schedule, weight_decay=tc.weight_decay, mask=mask)
+    if tc.optimizer == "adafactor":
+        # optax's adafactor adds weight_decay_rate * param after its learning-rate scaling: a
+        # rate following the schedule gives the decoupled decay the other rules apply.
+        decay = None if tc.weight_decay == 0 else (lambda count: tc.weight_decay * schedule(count))
+        return optax.adafactor(schedule, weight_decay_rate=decay, weight_decay_mask=mask)
+    if tc.optimizer == "muon":
+        # Muon on the layers' matrices, AdamW (with the decay mask, which optax.contrib.muon's
+        # own Adam fallback does not take) on the rest, as Muon's authors advise. consistent_rms
+        # scales Muon's updates to AdamW's RMS (Moonlight's recipe), so one rate serves both.
+        muon = optax.contrib.muon(schedule, weight_decay=tc.weight_decay, consistent_rms=0.2,
+                                  muon_weight_dimension_numbers=muon_dimension_numbers)
+        return optax.partition({"muon": muon, "adam": adamw}, _muon_labels)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
+
+
+def make_optimizer(tc: TrainConfig, optimizer: optax.GradientTransformation | None = None
+                   ) -> optax.GradientTransformation:
+    """Global-norm clipping and tc.optimizer's rule (`update_rule`), or a custom `optimizer`,
+    under a non-finite guard and gradient accumulation.
 
     The guard (optax.apply_if_finite) sees the averaged gradient of each update: one non-finite
     micro-batch skips that whole update and leaves params and moments unchanged.
+
+    optimizer: any optax GradientTransformation, used as it is in place of clipping and the named
+      rule (its own schedule, clipping and decay are its business); the guard and accumulation
+      still wrap it.
     """
-    parts = [] if tc.clip_norm is None else [optax.clip_by_global_norm(tc.clip_norm)]
-    parts.append(optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                             weight_decay=tc.weight_decay, mask=_decay_mask))
-    tx = optax.apply_if_finite(optax.chain(*parts), tc.max_consecutive_nonfinite)
+    if optimizer is None:
+        parts = [] if tc.clip_norm is None else [optax.clip_by_global_norm(tc.clip_norm)]
+        optimizer = optax.chain(*parts, update_rule(tc))
+    tx = optax.apply_if_finite(optimizer, tc.max_consecutive_nonfinite)
     if tc.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum_steps)
     return tx
+
+
+def check_optimizer(optimizer) -> None:
+    """A custom optimizer must be an optax GradientTransformation (init and update callables)
+    and hashable: it is a static part of the TrainState, in the compiled step's key."""
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise ValueError(f"optimizer must be an optax.GradientTransformation (e.g. optax.sgd(1e-2)), "
+                         f"got {optimizer!r}")
+    try:
+        hash(optimizer)
+    except TypeError:
+        raise ValueError(f"optimizer must be hashable (an optax.GradientTransformation is), got "
+                         f"{optimizer!r}") from None
 
 
 def _optax_promotion(fn, *args):
@@ -95,29 +183,43 @@ def _optax_promotion(fn, *args):
 
 
 def create_train_state(model_config: DecoderConfig, train_config: TrainConfig, key: jax.Array,
-                       mesh: Mesh | None = None, params: dict | None = None) -> TrainState:
+                       mesh: Mesh | None = None, params: dict | None = None,
+                       optimizer: optax.GradientTransformation | None = None) -> TrainState:
     """Initial params (from `key`), optimizer state, step 0 and the dropout key.
 
     With a `mesh`, params and optimizer state are created already split by `jaxdec.sharding`'s
     rules (one jit whose out_shardings are those shardings: no device ever holds the whole
-    model), and step and key are replicated. The values equal the unsharded ones.
+    model), and step and key are replicated. The values equal the unsharded ones. The rules
+    cover AdamW's and Lion's state; Adafactor's factored moments and Muon's coefficients have
+    none yet (ValueError naming the optimizer).
 
     params: start from these parameters (e.g. converted pretrained weights) instead of a random
       init; they must be exactly the tree, shapes and floating dtypes `model_config` describes
       (`jaxdec.api.check_params`, ValueError naming the first mismatched leaf). Not with a mesh.
+    optimizer: a custom optax GradientTransformation (`make_optimizer`) in place of
+      train_config.optimizer's rule; the state keeps it (static), so steps use it. To resume,
+      restore a checkpoint into a template created with the same optimizer.
     """
+    if optimizer is not None:
+        check_optimizer(optimizer)
     if params is not None:
         check_params(params, model_config)
         if mesh is not None:
             raise ValueError("create_train_state(params=...) starts one device; place the state "
                              "on a mesh by restoring a checkpoint onto a mesh template")
-        return _init_state(model_config, train_config, None, key, params)
+        return _init_state(model_config, train_config, None, optimizer, key, params)
     if mesh is None:
-        return _init_state(model_config, train_config, None, key)
-    return _sharded_init(model_config, train_config, mesh)(key)
+        return _init_state(model_config, train_config, None, optimizer, key)
+    try:
+        init = _sharded_init(model_config, train_config, mesh, optimizer)
+    except ValueError as err:  # a state leaf `jaxdec.sharding` has no logical axes for
+        which = "the custom optimizer" if optimizer is not None else f"optimizer={train_config.optimizer!r}"
+        raise ValueError(f"{which} keeps state that jaxdec.sharding has no rules for, so it cannot be "
+                         f"placed on a mesh yet ({err}); 'adamw' and 'lion' can") from err
+    return init(key)
 
 
-def _init_state(model_config, train_config, mesh, key, params=None) -> TrainState:
+def _init_state(model_config, train_config, mesh, optimizer, key, params=None) -> TrainState:
     init_key, dropout_key = jax.random.split(key)
     if params is None:
         params = init_params(model_config, init_key)
@@ -125,25 +227,26 @@ def _init_state(model_config, train_config, mesh, key, params=None) -> TrainStat
         params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     return TrainState(
         params=params,
-        opt_state=_optax_promotion(make_optimizer(train_config).init, params),
+        opt_state=_optax_promotion(make_optimizer(train_config, optimizer).init, params),
         step=jnp.zeros((), jnp.int32),
         key=dropout_key,
         model_config=model_config,
         train_config=train_config,
         mesh=mesh,
         tuning=tuning.for_platform(None if mesh is None else mesh.devices.flat[0].platform),
+        optimizer=optimizer,
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _sharded_init(model_config, train_config, mesh):
-    """The jitted initialiser for one (configs, mesh): compiled once, however often called."""
-    init = functools.partial(_init_state, model_config, train_config, mesh)
+def _sharded_init(model_config, train_config, mesh, optimizer=None):
+    """The jitted initialiser for one (configs, mesh, optimizer): compiled once, however often called."""
+    init = functools.partial(_init_state, model_config, train_config, mesh, optimizer)
     shardings = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
     return jax.jit(init, in_shardings=sharding.replicated(mesh), out_shardings=shardings)
 
 
-_BATCH_KEYS = ("tokens", "lengths", "source", "source_lengths")
+_BATCH_KEYS = ("tokens", "lengths", "segment_ids", "source", "source_lengths")
 
 
 def check_batch(batch, model_config, *, check_values: bool | None = None) -> None:
@@ -151,17 +254,22 @@ def check_batch(batch, model_config, *, check_values: bool | None = None) -> Non
     the bad key, its shape or dtype and what was expected.
 
     Shapes and dtypes are static, so they are checked even under an outer jit: keys (only
-    tokens, lengths, source, source_lengths; tokens required, source required by and only
-    accepted for a Seq2SeqConfig), ranks, integer dtypes, one batch size, 2 <= T + 1 and
+    tokens, lengths, segment_ids, source, source_lengths; tokens required, source required by and
+    only accepted for a Seq2SeqConfig), ranks, integer dtypes, one batch size, 2 <= T + 1 and
     T <= max_len (learned positions past max_len would be silently clipped), S <= max_len.
+    segment_ids (packed documents) must have the tokens' shape [B, T+1], only for a decoder-only
+    model, and never with lengths: segment id 0 marks padding, so lengths would be a second,
+    possibly contradicting, account of it.
 
-    check_values: also check token ids in [0, vocab_size) and lengths in range. None (default):
+    check_values: also check token ids in [0, vocab_size), lengths in range and segment ids
+      non-negative. None (default):
       only for host (numpy) arrays, where it costs no device round trip; device arrays are not
       read back (that would stall the step pipeline): use `train_step_checked` for those.
     """
     expected = ('expected {"tokens": int32 [B, T+1], "lengths": optional int32 [B]'
                 + (', "source": int32 [B, S], "source_lengths": optional int32 [B]}'
-                   if family.of(model_config).takes_source else "}"))
+                   if family.of(model_config).takes_source
+                   else ' or "segment_ids": optional int32 [B, T+1]}'))
     if not isinstance(batch, Mapping):
         raise ValueError(f"a batch must be a dict, got {type(batch).__name__}; {expected}")
     unknown = [k for k in batch if k not in _BATCH_KEYS]
@@ -189,6 +297,9 @@ def check_batch(batch, model_config, *, check_values: bool | None = None) -> Non
         isinstance(batch[k], (np.ndarray, np.generic)) for k in present)
     if "lengths" in batch:
         _check_lengths("batch['lengths']", batch["lengths"], B, 0, T1, values)
+    if "segment_ids" in batch:
+        check_segment_ids("batch['segment_ids']", batch["segment_ids"], (B, T1), model_config,
+                          batch.get("lengths"), values)
     if seq2seq:
         source = batch["source"]
         checks.check_int_array("batch['source']", source, 2)
@@ -216,9 +327,14 @@ def _check_lengths(name: str, lengths, batch: int, low: int, high: int, values: 
 
 
 def target_weights(batch: dict) -> jax.Array:
-    """float32 [B, T]: 1 for real targets tokens[:, 1:], 0 for padding."""
+    """float32 [B, T]: 1 for real targets tokens[:, 1:], 0 for padding. With segment_ids, the
+    target at t + 1 counts iff segment_ids[t + 1] == segment_ids[t] != 0: inside one document,
+    never across a boundary or in padding."""
     tokens = batch["tokens"]
     B, T1 = tokens.shape
+    if "segment_ids" in batch:
+        seg = batch["segment_ids"]
+        return ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)).astype(jnp.float32)
     lengths = batch.get("lengths")
     if lengths is None:
         return jnp.ones((B, T1 - 1), jnp.float32)
@@ -238,17 +354,21 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _logits(params, mc, tc: TrainConfig, batch: dict, dropout_rng, tuned: Tuning = tuning.PLAIN):
+def _logits(params, mc, tc: TrainConfig, batch: dict, dropout_rng, tuned: Tuning = tuning.PLAIN,
+            remat: str = "none"):
     """Teacher forcing: logits [B, T, V] of tokens[:, :-1] (and the source, for seq2seq).
-    dropout_rng: per-row keys [B] (or None: no dropout)."""
+    dropout_rng: per-row keys [B] (or None: no dropout). remat: what each layer keeps for the
+    backward pass (the training step's tc.remat; nothing to keep without one)."""
     tokens = batch["tokens"]
     T = tokens.shape[1] - 1
     lengths = batch.get("lengths")
     lengths = jnp.full(tokens.shape[:1], T, jnp.int32) if lengths is None else jnp.minimum(lengths, T)
+    segment_ids = batch.get("segment_ids")
     return apply(
         _cast(params, _compute_dtype(tc)), mc, tokens[:, :-1], lengths,
         source=batch.get("source"), source_lengths=batch.get("source_lengths"),
         dropout_rate=tc.dropout if dropout_rng is not None else 0.0, rng=dropout_rng, tuning=tuned,
+        segment_ids=None if segment_ids is None else segment_ids[:, :-1], remat=remat,
     )
 
 
@@ -292,12 +412,12 @@ def _group_sums(params, mc, tc: TrainConfig, batch: dict, dropout_rng, mesh, tun
     G = row_groups(batch["tokens"].shape, mesh, tuned)
     keys = row_keys(dropout_rng, B)
     if G == 1:
-        return _sums(_logits(params, mc, tc, batch, keys, tuned), batch, tuned)
+        return _sums(_logits(params, mc, tc, batch, keys, tuned, tc.remat), batch, tuned)
     totals = []
     for g in range(G):
         rows = {k: v[g * B // G:(g + 1) * B // G] for k, v in batch.items()}
         group_keys = None if keys is None else keys[g * B // G:(g + 1) * B // G]
-        totals.append(_sums(_logits(params, mc, tc, rows, group_keys, tuned), rows, tuned))
+        totals.append(_sums(_logits(params, mc, tc, rows, group_keys, tuned, tc.remat), rows, tuned))
     return tuple(sum(parts[1:], parts[0]) for parts in zip(*totals))
 
 
@@ -306,9 +426,11 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
 
     Args:
       state: TrainState (donated: its buffers are reused for the new state).
-      batch: {"tokens": int32 [B, T+1], "lengths": optional int32 [B] real tokens per row;
-        for seq2seq also "source" int32 [B, S] and "source_lengths" int32 [B]}. On a mesh,
-        place it with `jaxdec.shard_batch` (rows over data x fsdp).
+      batch: {"tokens": int32 [B, T+1], "lengths": optional int32 [B] real tokens per row, or
+        "segment_ids": optional int32 [B, T+1] for rows packing several documents (1, 2, ...
+        per document, 0 for padding; decoder-only); for seq2seq also "source" int32 [B, S] and
+        "source_lengths" int32 [B]}. On a mesh, place it with `jaxdec.shard_batch` (rows over
+        data x fsdp).
 
     Returns:
       the new state and metrics: loss (mean nats per real target), tokens (real targets),
@@ -319,8 +441,8 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
 
     Raises:
       ValueError (before any compute; `check_batch`) for a missing or unknown key, a wrong rank,
-      dtype or batch size, or T > max_len; for a host (numpy) batch also token ids outside
-      [0, vocab_size) and lengths out of range. Device arrays' values are not read back: an
+      dtype or batch size, T > max_len, or segment_ids with lengths; for a host (numpy) batch
+      also token ids outside [0, vocab_size), lengths out of range and negative segment ids. Device arrays' values are not read back: an
       out-of-range id there gives a non-finite loss and a skipped update (metrics["skipped"]);
       `train_step_checked` checks them on the device.
     """
@@ -328,7 +450,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     if state.mesh is None:
         return _train_step_jit(state, batch)
     # One jitted step per (mesh, configs): those fix the state's structure and its shardings.
-    cache_key = (state.mesh, state.model_config, state.train_config)
+    cache_key = (state.mesh, state.model_config, state.train_config, state.optimizer)
     if cache_key not in _sharded_train_steps:
         out_shardings = (sharding.tree_shardings(state, state.mesh), sharding.replicated(state.mesh))
         _sharded_train_steps[cache_key] = jax.jit(_train_step, donate_argnums=0,
@@ -349,7 +471,7 @@ def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     # Gradients take the params' shardings: under fsdp XLA reduce-scatters them instead of
     # all-reducing whole gradients onto every device.
     grads = sharding.constrain(grads, state.mesh)
-    tx = make_optimizer(tc)
+    tx = make_optimizer(tc, state.optimizer)
     updates, opt_state = _optax_promotion(tx.update, grads, state.opt_state, state.params)
     grad_norm = optax.tree.norm(grads)
     metrics = {
@@ -377,6 +499,8 @@ def _checked_train_step(state: TrainState, batch: dict):
     checks.device_checks(batch["tokens"], batch.get("lengths"), mc.vocab_size)
     if "source" in batch:
         checks.device_checks(batch["source"], batch.get("source_lengths"), mc.vocab_size)
+    if "segment_ids" in batch:
+        checkify.check(jnp.all(batch["segment_ids"] >= 0), "segment_ids must be >= 0 (0 marks padding)")
     return _train_step(state, batch)
 
 
@@ -385,7 +509,8 @@ _train_step_checked_jit = jax.jit(checkify.checkify(_checked_train_step, errors=
 
 def train_step_checked(state: TrainState, batch: dict):
     """`train_step` with the batch's value checks compiled in (checkify), for your own loops over
-    device arrays: token ids in [0, vocab_size) and lengths in range, checked on the device.
+    device arrays: token ids in [0, vocab_size), lengths in range and segment ids >= 0, checked
+    on the device.
 
     Returns (error, new_state, metrics). `error.throw()` raises (a checkify JaxRuntimeError naming
     the check) if a check failed; `error.get()` is None otherwise. The state is not donated: on
