@@ -331,7 +331,9 @@ def _speculative_program(params, inputs: "DecodeInputs", draft, options: DecodeO
                          tuning: Tuning) -> GenerateResult:
     """Prefill, the draft's start, and the draft-and-verify rounds (`speculative.speculative_loop`)
     as one program."""
-    params, inputs, logits, state, _ = prefill_inputs(params, inputs, options, tuning)
+    # The verification reads γ + 1 rows per prompt: the params' layout is the one for that many rows.
+    params, inputs, logits, state, _ = prefill_inputs(params, inputs, options, tuning,
+                                                      rows_per_prompt=draft.num_tokens + 1)
     fam, config, mesh = family.of(options.config), options.config, options.mesh
     draft_state = draft.start(speculative.DraftStart(inputs=inputs, capacity=options.capacity, tuning=tuning,
                                                      mesh=mesh))

@@ -23,8 +23,12 @@ token is drawn from the target given the tokens before it). With a stochastic sa
 and Chen et al. (2023): accept d with probability min(1, p(d) / q(d)), and at the first
 rejection draw from norm(max(0, p - q)); p and q both warped by the sampler.
 
-A round where no running row has a draft (prompt lookup found no match) runs a plain one-token
-step instead of verifying, so text that never repeats itself costs what plain decoding costs.
+Verifying costs more than a plain step (B x (γ + 1) rows instead of B). Each row keeps an
+estimate of how many drafts it gets accepted (a running average over its verifications, drifting
+back up while it does not verify, so it is tried again); a round verifies only when the rows
+with a draft are expected to pay for the extra rows (`verify_ratio`, from the platform's
+`Tuning.verify_row_cost`), and otherwise runs a plain one-token step: text that never repeats
+itself costs about what plain decoding costs.
 """
 
 from __future__ import annotations
@@ -270,6 +274,34 @@ def accept(logits: jax.Array, proposal: Proposal, sampler, key: jax.Array):
     return drawn, n
 
 
+# --- when to verify -------------------------------------------------------------------------------
+
+# Weight of the newest verification in a row's estimate of drafts accepted per verification.
+ESTIMATE_WEIGHT = 0.75
+# Share of the way back to γ that a row's estimate moves in each round it does not verify: a row
+# whose drafts failed is tried again after a dozen or more steps, in case its text began to repeat.
+ESTIMATE_RECOVERY = 1 / 128
+
+
+def verify_ratio(batch: int, num_tokens: int, row_cost: float) -> float:
+    """Time of a step over batch x (num_tokens + 1) rows over that of a step over batch rows,
+    when each row beyond the first adds row_cost of a one-row step."""
+    cost = lambda rows: 1.0 + row_cost * (rows - 1)  # noqa: E731
+    return cost(batch * (num_tokens + 1)) / cost(batch)
+
+
+def should_verify(expected: jax.Array, found: jax.Array, running: jax.Array, ratio: float) -> jax.Array:
+    """bool []: a verification is expected to emit more tokens per unit of time than a plain step.
+
+    expected float32 [B]: drafts each row expects accepted; found bool [B]: the row has a draft;
+    running bool [B]. A plain step emits one token per running row at cost 1; a verification
+    emits 1 + expected per running row with a draft (1 without) at cost `ratio`.
+    """
+    rows = jnp.sum(running, dtype=jnp.float32)
+    gain = jnp.sum(jnp.where(found & running, expected, 0.0))
+    return jnp.any(found & running) & (rows + gain >= ratio * rows)
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -292,8 +324,9 @@ class SpeculationStats:
 @flax.struct.dataclass
 class SpecState:
     """Loop carry of `speculative_loop`: the target's cache (per-row write slots), the draft's
-    state, the history, and the outputs so far (out_tokens [B, max_new_tokens + γ + 1], the tail
-    beyond max_new_tokens a scratch area for the last round's writes)."""
+    state, the history, the outputs so far (out_tokens [B, max_new_tokens + γ + 1], the tail
+    beyond max_new_tokens a scratch area for the last round's writes), and expected float32
+    [B], each row's estimate of drafts accepted per verification (`should_verify`)."""
 
     cache: Any
     draft_state: Any
@@ -304,6 +337,7 @@ class SpecState:
     out_tokens: jax.Array
     nonfinite: jax.Array
     stats: SpeculationStats
+    expected: jax.Array
     out_logits: jax.Array | None = None
 
     def outputs(self, max_new_tokens: int):
@@ -375,8 +409,10 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
         nonfinite=_nonfinite_rows(first_logits),
         stats=SpeculationStats(rounds=jnp.zeros((B,), jnp.int32), steps=jnp.zeros((B,), jnp.int32),
                                accepted=jnp.zeros((B,), jnp.int32), accepted_at=jnp.zeros((gamma,), jnp.int32)),
+        expected=jnp.full((B,), float(gamma), jnp.float32),
         out_logits=out_logits,
     )
+    ratio = verify_ratio(B, gamma, tuning.verify_row_cost)
 
     def round_(state: SpecState) -> SpecState:
         running = ~state.done
@@ -397,7 +433,7 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
             pad = lambda a: jnp.pad(a, ((0, 0), (0, gamma)) + ((0, 0),) * (a.ndim - 2))  # noqa: E731
             return cache, pad(emitted), n, pad(logits)
 
-        verifying = jnp.any(proposal.found & running)
+        verifying = should_verify(state.expected, proposal.found, running, ratio)
         cache, emitted, n, logits = jax.lax.cond(verifying, verify, step, state.cache)
         # Tokens this round adds to each row: the accepted drafts and one more, cut at eos and at
         # max_new_tokens; none for rows already done.
@@ -429,7 +465,12 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
             accepted=state.stats.accepted + jnp.where(verified, n, 0),
             accepted_at=state.stats.accepted_at + jnp.sum(accepted_mask, axis=0, dtype=jnp.int32),
         )
+        tried = verified & proposal.found
+        expected = jnp.where(tried, (1 - ESTIMATE_WEIGHT) * state.expected + ESTIMATE_WEIGHT * n,
+                             jnp.where(running & ~verifying,
+                                       state.expected + ESTIMATE_RECOVERY * (gamma - state.expected), state.expected))
         return SpecState(cache=cache, draft_state=draft_state, history=history, done=done, lengths=lengths,
-                         key=key, out_tokens=out_tokens, nonfinite=nonfinite, stats=stats, out_logits=out_logits)
+                         key=key, out_tokens=out_tokens, nonfinite=nonfinite, stats=stats, expected=expected,
+                         out_logits=out_logits)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)

@@ -8,7 +8,10 @@ where it is used, as a static argument, so it is part of every compiled program'
 platforms never share a program, and a test can compile any tuning without touching a global.
 
 Results do not depend on the tuning beyond float rounding: tokens, losses and dropout masks are
-the same under every tuning (dropout draws per row, not per row group).
+the same under every tuning (dropout draws per row, not per row group). One exception, in
+distribution only: speculative decoding with a stochastic sampler verifies drafts in the rounds
+`verify_row_cost` says pay, and the random draws follow the rounds taken; their distribution is
+the same under every tuning (greedy tokens are the same).
 
 `CPU` holds the choices measured on 2-core x86 CPUs (`python -m jaxdec.tools.bench decode | train |
 gpt2 | scaling`; the figures are in docs/performance.md). Every other platform gets `PLAIN`:
@@ -55,6 +58,10 @@ class Tuning:
         XLA's CPU runtime overlaps one group's elementwise kernels with another's matmuls.
       decode_compiler_options: XLA compiler options of the decode programs, as sorted (name,
         value) pairs; applied only where this jaxlib accepts them.
+      verify_row_cost: what each row beyond the first adds to a cached step's time, as a share
+        of a one-row step. Speculative decoding verifies B x (γ + 1) rows where a plain step
+        reads B, and verifies only while the drafts it expects each row to have accepted pay
+        for that (`speculative.verify_ratio`); 0: rows are free, verify whenever there is a draft.
     """
 
     cache_block: int = 128
@@ -69,6 +76,7 @@ class Tuning:
     row_groups: int = 1
     row_group_min_tokens: int = 1024
     decode_compiler_options: tuple[tuple[str, str], ...] = ()
+    verify_row_cost: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("cache_block", "prefill_chunk", "layer_unroll", "causal_blocks", "causal_min_rows",
@@ -80,6 +88,8 @@ class Tuning:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"Tuning.{name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.verify_row_cost, (int, float)) or self.verify_row_cost < 0:
+            raise ValueError(f"Tuning.verify_row_cost must be a number >= 0, got {self.verify_row_cost!r}")
         if self.argmax not in ("jnp", "two_reductions"):
             raise ValueError(f"Tuning.argmax must be 'jnp' or 'two_reductions', got {self.argmax!r}")
         object.__setattr__(self, "decode_compiler_options", tuple(sorted(self.decode_compiler_options)))
@@ -100,6 +110,9 @@ CPU = Tuning(
     # XLA's CPU compiler hands matmuls to YNNPACK by default; a cached step multiplies only a
     # few rows by each weight, where XLA's own dots were faster.
     decode_compiler_options=(("xla_cpu_experimental_ynn_fusion_type", ""),),
+    # A CPU step streams the weights once per step whatever the rows, but each row adds its
+    # own matrix-vector work (`python -m jaxdec.tools.bench speculative` prints the ratio).
+    verify_row_cost=0.15,
 )
 
 BY_PLATFORM = {"cpu": CPU}
