@@ -280,8 +280,9 @@ REMAT_POLICIES = {
 
 def remat_block(body, remat: str = "none"):
     """The scan body `body` under `jax.checkpoint` with the `REMAT_POLICIES[remat]` policy, or
-    unchanged for "none". Inside a scan, common-subexpression elimination cannot merge the
-    recomputation with the forward pass, so prevent_cse is off (JAX's advice for scan bodies)."""
+    unchanged for "none". Inside a scan of one layer per iteration, common-subexpression
+    elimination cannot merge the recomputation with the forward pass, so prevent_cse is off
+    (JAX's advice for scan bodies)."""
     if remat == "none":
         return body
     if remat not in REMAT_POLICIES:
@@ -333,8 +334,11 @@ def run_layers(params: dict, config, x, positions, mask, dropout_rate=0.0, rng=N
         x = mlp_sublayer(p, config, x, lambda y: drop(y, 3 * i + 3))
         return x, ({"self": self_probs, "cross": cross_probs} if return_attention else None)
 
+    # Under remat the scan runs one layer per iteration: layers unrolled into one loop body let
+    # XLA schedule the recomputation with the forward pass, and the memory saving is lost
+    # (`python -m jaxdec.tools.bench memory` measures it).
     return scan_blocks(remat_block(block, remat), x, params["layers"], _cross_xs(cross),
-                       unroll=tuning.layer_unroll)
+                       unroll=tuning.layer_unroll if remat == "none" else 1)
 
 
 # --- forward (teacher forcing) ----------------------------------------------------------------

@@ -10,6 +10,7 @@
         lengths: the same figures, beside transformers' own GGUF-loaded model)
     python -m jaxdec.tools.bench scaling [--quick] [--out scaling.png]   (cost vs capacity, prompt,
         early exit and depth; writes a figure)
+    python -m jaxdec.tools.bench memory [--widths 256 512 1024] [--memory-gib 24]   (train-step memory per remat policy)
     python -m jaxdec.tools.bench --single-thread decode   (XLA on one thread)
 
 Each figure is the median of `repeats` timed runs after one warm-up (compile) run; the thread
@@ -22,6 +23,7 @@ import argparse
 import os
 import sys
 
+from jaxdec.tools.bench import memory
 from jaxdec.tools.bench.decode import bench_decode, bench_decode_breakdown, bench_decode_seq2seq
 from jaxdec.tools.bench.models import bench_gpt2, bench_smollm2
 from jaxdec.tools.bench.scaling import bench_scaling
@@ -69,13 +71,16 @@ def main(argv=None) -> None:
     sc = sub.add_parser("scaling", help="cost vs capacity, prompt length, early exit and depth")
     sc.add_argument("--quick", action="store_true", help="small sweeps (a smoke run)")
     sc.add_argument("--out", default="scaling.png", help="where to write the figure")
+    memory.add_parser(sub)
     args = parser.parse_args(argv)
     if args.single_thread and SINGLE_THREAD_FLAGS not in os.environ.get("XLA_FLAGS", ""):
         # XLA reads its flags once, when the backend starts: rerun this command with them set.
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_FLAGS}".strip()}
         args_list = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "jaxdec.tools.bench", *args_list], env)
-    if args.what == "scaling":
+    if args.what == "memory":
+        args.run(args)
+    elif args.what == "scaling":
         bench_scaling(args.quick, args.out)
     elif args.what == "gpt2":
         bench_gpt2(tuple(args.batches), new_tokens=args.new_tokens, repeats=args.repeats,
