@@ -466,7 +466,7 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
             accepted_at=state.stats.accepted_at + jnp.sum(accepted_mask, axis=0, dtype=jnp.int32),
         )
         tried = verified & proposal.found
-        expected = jnp.where(tried, (1 - ESTIMATE_WEIGHT) * state.expected + ESTIMATE_WEIGHT * n,
+        expected = jnp.where(tried, (1 - ESTIMATE_WEIGHT) * state.expected + ESTIMATE_WEIGHT * n.astype(jnp.float32),
                              jnp.where(running & ~verifying,
                                        state.expected + ESTIMATE_RECOVERY * (gamma - state.expected), state.expected))
         return SpecState(cache=cache, draft_state=draft_state, history=history, done=done, lengths=lengths,
