@@ -84,12 +84,13 @@ def token_labels(ids: Sequence[int]) -> tuple[list[str], list[Unit]]:
 
 
 def text_of(ids: Sequence[int]) -> str:
-    """ids as readable text: specials as [SOS] / [EOS] / [PAD], bytes decoded (invalid ones as \\xNN)."""
+    """ids as readable text: specials as [SOS] / [EOS] / [PAD], bytes decoded (invalid ones as \\xNN),
+    ids beyond the byte tokenizer's (a pretrained model's vocabulary, after --init) as [id]."""
     parts, run = [], []
     for t in (int(i) for i in ids):
-        if t in SPECIAL_NAMES:
+        if t in SPECIAL_NAMES or t >= 256:
             parts.append(bytes(run).decode("utf-8", errors="backslashreplace"))
-            parts.append(f"[{SPECIAL_NAMES[t]}]")
+            parts.append(f"[{SPECIAL_NAMES.get(t, t)}]")
             run = []
         else:
             run.append(t)
