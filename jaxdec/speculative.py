@@ -198,7 +198,7 @@ class DraftModel(Draft):
         fam = family.of(self.config)
         inputs = context.inputs
         params = self._params()
-        if not hasattr(self.params, "params"):  # plain params: lay them out for the loop
+        if not hasattr(self.params, "params") and context.mesh is None:  # lay plain params out for the loop
             params = fam.decode_params(params, self.config, inputs.prompts.shape[0], tuning=context.tuning)
         _, cache = fam.prefill(params, self.config, inputs.prompts, inputs.lengths, context.capacity,
                                inputs.source, inputs.source_lengths, tuning=context.tuning)

@@ -191,6 +191,16 @@ def check_decoding():
         np.testing.assert_array_equal(np.asarray(beams.tokens), np.asarray(ref_beams.tokens))
     ok("greedy and beam tokens on (2, 2, 2) and (1, 2, 4) equal one device's")
 
+    # Speculative decoding on a mesh: the per-row write slots are split with the batch.
+    for shape in [(2, 2, 2), (1, 2, 4)]:
+        mesh = jaxdec.make_mesh(*shape)
+        placed = jaxdec.shard_params(params, mesh)
+        for draft in (jaxdec.PromptLookup(num_tokens=3), jaxdec.DraftModel(placed, MC, num_tokens=2)):
+            got = jaxdec.generate(placed, MC, prompts, lengths, max_new_tokens=new, mesh=mesh, draft=draft)
+            np.testing.assert_array_equal(np.asarray(got.tokens), want,
+                                          err_msg=f"speculative greedy tokens on {shape} with {type(draft).__name__}")
+    ok("speculative greedy tokens (prompt lookup, draft model) on (2, 2, 2) and (1, 2, 4) equal one device's")
+
     mesh = jaxdec.make_mesh(2, 2, 2)
     placed = jaxdec.shard_params(params, mesh)
     capacity = prompts.shape[1] + new

@@ -225,7 +225,7 @@ def test_bad_drafts_are_refused_before_compute():
 V8 = DecoderConfig(vocab_size=8, num_layers=2, d_model=16, num_heads=2, max_len=32, init_std=0.5,
                    position="rope", tie_embeddings=False)
 SAMPLE_PROMPT = np.array([1, 2, 3, 1, 2, 3, 1, 2], np.int32)
-ROWS = 4000
+ROWS = 2000
 
 
 @functools.cache
@@ -272,7 +272,7 @@ def _sample(sampler, draft, seed: int = 11) -> np.ndarray:
 
 
 # One case runs by default; the rest (about 20 s each here: 4,000 rows per sampling run) are slow.
-_SLOW = pytest.mark.slow(reason="a sampling run of 4,000 rows per case; one case runs by default")
+_SLOW = pytest.mark.slow(reason="a sampling run of 2,000 rows per case; one case runs by default")
 DISTRIBUTION_CASES = [pytest.param(s, k, marks=() if (s, k) == ("top_k", "model") else _SLOW, id=f"{k}-{s}")
                       for k in ("lookup", "model") for s in SAMPLERS]
 
