@@ -110,3 +110,22 @@ def test_bad_input_is_refused(bad, match):
     args = dict(documents=_docs([3]), row_len=4, pad_id=PAD) | bad
     with pytest.raises(ValueError, match=match):
         pack_documents(**args)
+
+
+def test_a_packed_run_feeds_train_step_its_segment_ids(tmp_path):
+    """The run's packed batches are what train_step checks and accepts (tokens and segment_ids)."""
+    import dataclasses
+
+    from jaxdec.tools.run import PRESETS, LMTask
+    from jaxdec.training import check_batch
+
+    for i in range(6):
+        (tmp_path / f"f{i}.txt").write_text(f"document {i} " * (20 + 15 * i), encoding="utf-8")
+    cfg = dataclasses.replace(PRESETS["tiny"], data=str(tmp_path), pack=True, batch_size=3, seq_len=64,
+                              eval_batches=1)
+    task = LMTask(cfg)
+    batch = task.train_batch(0)
+    assert set(batch) == {"tokens", "segment_ids"} and batch["segment_ids"].shape == (3, 65)
+    check_batch(batch, cfg.model, check_values=True)
+    assert task.packed.padding_fraction <= task.packed.unpacked_padding_fraction
+    assert set(task.eval_data[0]) == {"tokens", "segment_ids"}
