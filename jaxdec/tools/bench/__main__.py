@@ -11,6 +11,8 @@
     python -m jaxdec.tools.bench scaling [--quick] [--out scaling.png]   (cost vs capacity, prompt,
         early exit and depth; writes a figure)
     python -m jaxdec.tools.bench memory [--widths 256 512 1024] [--memory-gib 24]   (train-step memory per remat policy)
+    python -m jaxdec.tools.bench speculative [--batches 1 8] [--num-tokens 4] [--no-hf]   (SmolLM2:
+        oracle, random and prompt-lookup drafts vs plain greedy, beside transformers' prompt lookup)
     python -m jaxdec.tools.bench --single-thread decode   (XLA on one thread)
 
 Each figure is the median of `repeats` timed runs after one warm-up (compile) run; the thread
@@ -27,6 +29,7 @@ from jaxdec.tools.bench import memory
 from jaxdec.tools.bench.decode import bench_decode, bench_decode_breakdown, bench_decode_seq2seq
 from jaxdec.tools.bench.models import bench_gpt2, bench_smollm2
 from jaxdec.tools.bench.scaling import bench_scaling
+from jaxdec.tools.bench.speculative import bench_speculative
 from jaxdec.tools.bench.train import bench_train
 
 
@@ -72,6 +75,13 @@ def main(argv=None) -> None:
     sc.add_argument("--quick", action="store_true", help="small sweeps (a smoke run)")
     sc.add_argument("--out", default="scaling.png", help="where to write the figure")
     memory.add_parser(sub)
+    sp = sub.add_parser("speculative", help="SmolLM2 speculative decoding: oracle, random, prompt lookup vs plain")
+    sp.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    sp.add_argument("--num-tokens", type=int, default=4)
+    sp.add_argument("--new-tokens", type=int, default=96)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--tasks", nargs="+", default=["grounded", "chat"], choices=["grounded", "chat"])
+    sp.add_argument("--no-hf", action="store_true", help="skip transformers' prompt lookup")
     args = parser.parse_args(argv)
     if args.single_thread and SINGLE_THREAD_FLAGS not in os.environ.get("XLA_FLAGS", ""):
         # XLA reads its flags once, when the backend starts: rerun this command with them set.
@@ -80,6 +90,9 @@ def main(argv=None) -> None:
         os.execve(sys.executable, [sys.executable, "-m", "jaxdec.tools.bench", *args_list], env)
     if args.what == "memory":
         args.run(args)
+    elif args.what == "speculative":
+        bench_speculative(tuple(args.batches), num_tokens=args.num_tokens, new_tokens=args.new_tokens,
+                          repeats=args.repeats, tasks=tuple(args.tasks), hf=not args.no_hf)
     elif args.what == "scaling":
         bench_scaling(args.quick, args.out)
     elif args.what == "gpt2":
