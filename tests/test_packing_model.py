@@ -77,7 +77,10 @@ def _step(mc, batch):
     return metrics, jax.tree.map(lambda b, a: b - np.asarray(a), before, new.params)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [
+    pytest.param("rope", marks=pytest.mark.slow(reason="two more train-step compilations; the learned case "
+                                                       "catches everything this one does")),
+    "learned"])
 def test_packed_rows_train_as_separate_rows(name):
     """train_step's loss and gradients on the packed rows equal those on the same documents in
     rows of their own (float32, 1e-5; the update's own rounding, ulp(|param| <= 1) ~ 6e-8, is far
@@ -92,6 +95,7 @@ def test_packed_rows_train_as_separate_rows(name):
     assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_p)) > 1e-3
 
 
+@pytest.mark.slow(reason="four more compilations (forward and eval step, packed and separate)")
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_packed_documents_logits_are_its_own(name):
     """Each packed document's logits equal those of the document alone at the start of a row

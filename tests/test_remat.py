@@ -40,8 +40,8 @@ def _batch(mc) -> dict:
     return batch
 
 
-@pytest.mark.parametrize("name", [
-    "decoder", pytest.param("seq2seq", marks=pytest.mark.slow(reason="compiles three encoder-decoder gradients"))])
+@pytest.mark.slow(reason="compiles the gradient under each of the three policies")
+@pytest.mark.parametrize("name", list(MODELS))
 def test_every_policy_gives_the_same_loss_and_gradients(name):
     """The loss a train step differentiates and its gradients, with dropout (the recomputed
     layers must draw the same masks), under each policy against "none": float32, 1e-6."""
