@@ -4,10 +4,11 @@ The model reads `tokens[:, :-1]` and is scored on `tokens[:, 1:]`, every positio
 under the causal mask. A target counts iff it is a real token (index < the row's length), so
 padding has weight zero. A row may pack several documents (`batch["segment_ids"]`): each token
 attends only within its own document, positions restart at each, and a target counts only
-inside its document, so a packed row trains exactly as its documents would on rows of their own. The step is one pure function of (state, batch). On a mesh
-(`create_train_state(..., mesh=)`) the same step runs sharded: the state carries its mesh (static)
-and the step pins the batch, gradients and new state to the shardings `jaxdec.sharding` names, so
-a step returns the state with the shardings it was given.
+inside its document, so a packed row trains exactly as its documents would on rows of their own.
+The step is one pure function of (state, batch). On a mesh (`create_train_state(..., mesh=)`) the
+same step runs sharded: the state carries its mesh (static) and the step pins the batch,
+gradients and new state to the shardings `jaxdec.sharding` names, so a step returns the state
+with the shardings it was given.
 """
 
 from __future__ import annotations
@@ -442,9 +443,9 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     Raises:
       ValueError (before any compute; `check_batch`) for a missing or unknown key, a wrong rank,
       dtype or batch size, T > max_len, or segment_ids with lengths; for a host (numpy) batch
-      also token ids outside [0, vocab_size), lengths out of range and negative segment ids. Device arrays' values are not read back: an
-      out-of-range id there gives a non-finite loss and a skipped update (metrics["skipped"]);
-      `train_step_checked` checks them on the device.
+      also token ids outside [0, vocab_size), lengths out of range and negative segment ids.
+      Device arrays' values are not read back: an out-of-range id there gives a non-finite loss
+      and a skipped update (metrics["skipped"]); `train_step_checked` checks them on the device.
     """
     check_batch(batch, state.model_config)
     if state.mesh is None:

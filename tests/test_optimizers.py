@@ -63,7 +63,8 @@ def _by_hand(tc: jaxdec.TrainConfig, params) -> optax.GradientTransformation:
                             labels)
         muon = optax.contrib.muon(schedule, weight_decay=tc.weight_decay, consistent_rms=0.2,
                                   muon_weight_dimension_numbers=lambda _: dims)
-        return optax.chain(optax.clip_by_global_norm(tc.clip_norm), optax.partition({"muon": muon, "adam": adamw}, labels))
+        return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
+                           optax.partition({"muon": muon, "adam": adamw}, labels))
     return optax.chain(optax.clip_by_global_norm(tc.clip_norm), rule[tc.optimizer]())
 
 
