@@ -360,6 +360,8 @@ def check_draft(draft, config, use_cache: bool) -> None:
             or num_tokens < 1:
         raise ValueError(f"draft must be a jaxdec.PromptLookup, a jaxdec.DraftModel or another Draft with an "
                          f"int num_tokens >= 1, start and propose; got {draft!r}")
+    if family.of(config).extend is None:
+        raise ValueError(f"the {family.of(config).name} family has no extend function: it cannot verify drafts")
     if isinstance(draft, speculative.DraftModel):
         if type(draft.config) is not type(config):
             raise ValueError(f"the draft model's config is a {type(draft.config).__name__}; the target's is a "

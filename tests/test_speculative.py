@@ -91,6 +91,15 @@ def test_greedy_speculative_equals_plain_greedy(kind):
     np.testing.assert_array_equal(np.asarray(s.accepted_at).sum(), accepted.sum())
 
 
+def test_returned_logits_are_those_each_token_was_chosen_from():
+    params = _params()
+    plain = _plain(params, return_logits=True)
+    got = _plain(params, return_logits=True, draft=DraftModel(_params(7), CONFIG, num_tokens=3))
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(plain.tokens))
+    # The verification computes γ + 1 rows at once: float rounding differs from one row's step.
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(plain.logits), rtol=1e-4, atol=1e-4)
+
+
 def test_eos_inside_an_accepted_run_stops_the_row_there():
     params = _params()
     free = np.asarray(_plain(params).tokens)
