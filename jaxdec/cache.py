@@ -101,11 +101,14 @@ def write_layer(k_all: jax.Array, v_all: jax.Array, layer, end, k: jax.Array, v:
         return (jax.lax.dynamic_update_slice(k_all, k[None], start),
                 jax.lax.dynamic_update_slice(v_all, v[None], start))
 
-    def write_rows(a_all, new):  # [L, B, K, S, H] <- [B, K, T, H] at (layer, b, 0, end[b], 0)
-        update = lambda a, x, e: jax.lax.dynamic_update_slice(a, x[None], slice_start(layer, 0, e, 0))  # noqa: E731
-        return jax.vmap(update, in_axes=(1, 0, 0), out_axes=1)(a_all, new, end)
+    # One in-place slice update per row, in a loop: a batched (vmapped) update is a scatter, which
+    # XLA's CPU backend ran on a copy of the whole [L, B, K, S, H] cache.
+    def write_row(b, kv):
+        start = slice_start(layer, b, 0, end[b], 0)
+        return tuple(jax.lax.dynamic_update_slice(a, jax.lax.dynamic_index_in_dim(x, b, 0)[None], start)
+                     for a, x in zip(kv, (k, v)))
 
-    return write_rows(k_all, k), write_rows(v_all, v)
+    return jax.lax.fori_loop(0, k.shape[0], write_row, (k_all, v_all))
 
 
 def slice_start(*indices) -> tuple[jax.Array, ...]:

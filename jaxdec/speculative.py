@@ -348,10 +348,13 @@ class SpecState:
 
 
 def _write_rows(buffer: jax.Array, rows: jax.Array, at: jax.Array) -> jax.Array:
-    """buffer [B, W, ...] with rows [B, C, ...] written at each row's own offset at [B]."""
-    def one(b, r, a):
-        return jax.lax.dynamic_update_slice_in_dim(b, r, a, axis=0)
-    return jax.vmap(one)(buffer, rows, at)
+    """buffer [B, W, ...] with rows [B, C, ...] written at each row's own offset at [B]: one
+    in-place slice update per row (a vmapped one is a scatter, run on a copy on CPU)."""
+    def one(b, buffer):
+        row = jax.lax.dynamic_index_in_dim(rows, b, 0)  # [1, C, ...]
+        start = (b, at[b]) + (0,) * (buffer.ndim - 2)
+        return jax.lax.dynamic_update_slice(buffer, row, tuple(jnp.asarray(i, jnp.int32) for i in start))
+    return jax.lax.fori_loop(0, buffer.shape[0], one, buffer)
 
 
 def history_from_prompts(prompts: jax.Array, lengths: jax.Array, starts: jax.Array, width: int) -> jax.Array:
