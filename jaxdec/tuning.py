@@ -112,7 +112,7 @@ CPU = Tuning(
     decode_compiler_options=(("xla_cpu_experimental_ynn_fusion_type", ""),),
     # A CPU step streams the weights once per step whatever the rows, but each row adds its
     # own matrix-vector work (`python -m jaxdec.tools.bench speculative` prints the ratio).
-    verify_row_cost=0.15,
+    verify_row_cost=0.06,
 )
 
 BY_PLATFORM = {"cpu": CPU}
