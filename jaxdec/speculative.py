@@ -279,8 +279,8 @@ def accept(logits: jax.Array, proposal: Proposal, sampler, key: jax.Array):
 # Weight of the newest verification in a row's estimate of drafts accepted per verification.
 ESTIMATE_WEIGHT = 0.75
 # Share of the way back to γ that a row's estimate moves in each round it does not verify: a row
-# whose drafts failed is tried again after a dozen or more steps, in case its text began to repeat.
-ESTIMATE_RECOVERY = 1 / 128
+# whose drafts failed is tried again after a few dozen steps, in case its text began to repeat.
+ESTIMATE_RECOVERY = 1 / 512
 
 
 def verify_ratio(batch: int, num_tokens: int, row_cost: float) -> float:
