@@ -99,7 +99,7 @@ def _updates(txs, params, grads_list):
     return jax.jit(run)(params, grads_list)
 
 
-@pytest.mark.parametrize("name", _default_run("muon"))
+@pytest.mark.parametrize("name", _default_run("adamw"))
 def test_each_optimizer_equals_optax_built_by_hand(name):
     """Three updates of make_optimizer(tc) equal optax's transform built by hand on the same
     gradients (clipping engaged: their norm is ~4 > clip_norm 0.5; the first update in warmup at

@@ -91,6 +91,7 @@ def test_greedy_speculative_equals_plain_greedy(kind):
     np.testing.assert_array_equal(np.asarray(s.accepted_at).sum(), accepted.sum())
 
 
+@pytest.mark.slow(reason="compiles plain and speculative programs with return_logits (~7 s)")
 def test_returned_logits_are_those_each_token_was_chosen_from():
     params = _params()
     plain = _plain(params, return_logits=True)
@@ -112,6 +113,7 @@ def test_eos_inside_an_accepted_run_stops_the_row_there():
     np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(plain.lengths))
 
 
+@pytest.mark.slow(reason="compiles plain and speculative programs for a longer run (~6 s)")
 def test_a_run_to_the_cache_capacity_and_the_capacity_check():
     params = _params()
     P = PROMPTS.shape[1]
