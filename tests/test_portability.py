@@ -93,3 +93,18 @@ def test_beam_search_forward_and_train_step_lower_for_accelerators(platform):
         batch = {"tokens": np.ones((4, 9), np.int32), "lengths": np.array([9, 9, 5, 2], np.int32)}
         text = _export(training._train_step_jit, platform, state, batch)
         assert _custom_calls(text) == [], (dtype, _custom_calls(text))
+
+
+@pytest.mark.slow  # a speculative program per draft and platform
+@pytest.mark.parametrize("platform", ACCELERATORS)
+def test_speculative_generate_lowers_for_accelerators_with_no_custom_call(platform):
+    """`generate(..., draft=)`'s program (prefill, draft, verify rounds with per-row cache writes
+    and a `lax.cond`) lowers with no custom call, for prompt lookup and a draft model sampling
+    by the probability-ratio rule."""
+    (params, inputs), static = _generate_args(MODERN)
+    for draft, sampler in ((jaxdec.PromptLookup(num_tokens=2), Greedy()),
+                           (jaxdec.DraftModel(params, MODERN, num_tokens=2), TopK(5, temperature=0.7))):
+        options = decode.DecodeOptions(sampler=sampler, **{**static, "capacity": static["capacity"] + 2})
+        program = decode._speculative.for_tuning(tuning.for_platform(platform))
+        text = _export(program, platform, params, inputs, draft, options)
+        assert _custom_calls(text) == [], _custom_calls(text)
