@@ -101,14 +101,26 @@ def write_layer(k_all: jax.Array, v_all: jax.Array, layer, end, k: jax.Array, v:
         return (jax.lax.dynamic_update_slice(k_all, k[None], start),
                 jax.lax.dynamic_update_slice(v_all, v[None], start))
 
-    # One in-place slice update per row, in a loop: a batched (vmapped) update is a scatter, which
-    # XLA's CPU backend ran on a copy of the whole [L, B, K, S, H] cache.
+    # One in-place slice update per row: a batched (vmapped) update is a scatter, which XLA's CPU
+    # backend ran on a copy of the whole [L, B, K, S, H] cache. Up to ROWS_UNROLLED rows the
+    # updates are written out one by one (a loop is one more loop per layer and step); beyond,
+    # a loop keeps the program small.
     def write_row(b, kv):
         start = slice_start(layer, b, 0, end[b], 0)
         return tuple(jax.lax.dynamic_update_slice(a, jax.lax.dynamic_index_in_dim(x, b, 0)[None], start)
                      for a, x in zip(kv, (k, v)))
 
-    return jax.lax.fori_loop(0, k.shape[0], write_row, (k_all, v_all))
+    B = k.shape[0]
+    if B > ROWS_UNROLLED:
+        return jax.lax.fori_loop(0, B, write_row, (k_all, v_all))
+    kv = (k_all, v_all)
+    for b in range(B):
+        kv = write_row(b, kv)
+    return kv
+
+
+# Rows up to which `write_layer` writes a per-row cache with one slice update per row written out.
+ROWS_UNROLLED = 16
 
 
 def slice_start(*indices) -> tuple[jax.Array, ...]:
