@@ -70,6 +70,15 @@ def init_cache(
     )
 
 
+def place_rows(prompts: jax.Array, lengths: jax.Array, starts: jax.Array, width: int) -> jax.Array:
+    """int32 [B, width]: right-padded prompts [B, P] (example b's tokens in columns 0 ..
+    lengths[b] - 1) moved to slots starts[b] .. starts[b] + lengths[b] - 1, token 0 elsewhere."""
+    src = jnp.arange(width, dtype=jnp.int32)[None, :] - starts[:, None]  # [B, width] index into the prompt
+    real = (src >= 0) & (src < lengths[:, None])
+    gathered = jnp.take_along_axis(prompts, jnp.clip(src, 0, prompts.shape[1] - 1), axis=1)
+    return jnp.where(real, gathered, 0).astype(jnp.int32)
+
+
 def check_capacity(capacity: int, needed: int, spare: int = 0) -> None:
     """Host-side guard: raise before decoding rather than write past the cache's end. spare: the
     slots speculative decoding needs beyond prompt + max_new_tokens (its drafts, γ)."""

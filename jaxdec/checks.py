@@ -124,3 +124,9 @@ def device_checks(tokens: jax.Array, lengths: jax.Array | None, vocab_size: int)
             jnp.all((lengths >= 0) & (lengths <= tokens.shape[1])),
             f"lengths must lie in [0, {tokens.shape[1]}]",
         )
+
+
+def nonfinite_rows(logits: jax.Array) -> jax.Array:
+    """Inside jit: bool [B], row b of logits [B, ...] (e.g. [B, V] or [B, C, V]) holds a NaN or
+    an inf."""
+    return ~jnp.all(jnp.isfinite(logits), axis=tuple(range(1, logits.ndim)))

@@ -137,11 +137,6 @@ def decode_params_for(params, config, batch: int, mesh=None, tuning: Tuning = tu
     return family.of(config).decode_params(params, config, batch, tuning=tuning)
 
 
-def _nonfinite_rows(logits: jax.Array) -> jax.Array:
-    """bool [B]: the row of logits [B, V] holds a NaN or an inf."""
-    return ~jnp.all(jnp.isfinite(logits), axis=-1)
-
-
 StepFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
@@ -188,7 +183,7 @@ def decode_loop(
         key=key,
         step=jnp.ones((), jnp.int32),
         out_tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first),
-        nonfinite=_nonfinite_rows(first_logits),
+        nonfinite=checks.nonfinite_rows(first_logits),
         out_logits=out_logits,
     )
 
@@ -211,7 +206,7 @@ def decode_loop(
             key=key,
             step=state.step + 1,
             out_tokens=jax.lax.dynamic_update_slice_in_dim(state.out_tokens, token[:, None], state.step, axis=1),
-            nonfinite=state.nonfinite | (~state.done & _nonfinite_rows(logits)),
+            nonfinite=state.nonfinite | (~state.done & checks.nonfinite_rows(logits)),
             out_logits=out_logits,
         )
 

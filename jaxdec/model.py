@@ -391,10 +391,7 @@ def right_align(prompts: jax.Array, lengths: jax.Array, width: jax.Array | int):
     traced): example b's tokens land in slots width - lengths[b] .. width - 1; every other
     slot holds token 0. Returns tokens int32 [B, P] and starts int32 [B]."""
     starts = (width - lengths).astype(jnp.int32)
-    src = jnp.arange(prompts.shape[1], dtype=jnp.int32)[None, :] - starts[:, None]  # [B, P] index into the prompt
-    real = (src >= 0) & (src < lengths[:, None])
-    gathered = jnp.take_along_axis(prompts, jnp.clip(src, 0, prompts.shape[1] - 1), axis=1)
-    return jnp.where(real, gathered, 0).astype(jnp.int32), starts
+    return kv_cache.place_rows(prompts, lengths, starts, prompts.shape[1]), starts
 
 
 def _extend_hidden(params: dict, config, cache: KVCache, tokens: jax.Array, cross=None,

@@ -40,7 +40,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxdec import family
+from jaxdec import cache as kv_cache
+from jaxdec import checks, family
 
 
 # --- what the loop shows a draft ----------------------------------------------------------------
@@ -352,22 +353,8 @@ def _write_rows(buffer: jax.Array, rows: jax.Array, at: jax.Array) -> jax.Array:
     in-place slice update per row (a vmapped one is a scatter, run on a copy on CPU)."""
     def one(b, buffer):
         row = jax.lax.dynamic_index_in_dim(rows, b, 0)  # [1, C, ...]
-        start = (b, at[b]) + (0,) * (buffer.ndim - 2)
-        return jax.lax.dynamic_update_slice(buffer, row, tuple(jnp.asarray(i, jnp.int32) for i in start))
+        return jax.lax.dynamic_update_slice(buffer, row, kv_cache.slice_start(b, at[b], *(0,) * (buffer.ndim - 2)))
     return jax.lax.fori_loop(0, buffer.shape[0], one, buffer)
-
-
-def history_from_prompts(prompts: jax.Array, lengths: jax.Array, starts: jax.Array, width: int) -> jax.Array:
-    """int32 [B, width]: right-padded prompts [B, P] placed at each row's cache slots
-    starts[b] .. starts[b] + lengths[b] - 1, zeros elsewhere."""
-    src = jnp.arange(width, dtype=jnp.int32)[None, :] - starts[:, None]
-    real = (src >= 0) & (src < lengths[:, None])
-    gathered = jnp.take_along_axis(prompts, jnp.clip(src, 0, prompts.shape[1] - 1), axis=1)
-    return jnp.where(real, gathered, 0).astype(jnp.int32)
-
-
-def _nonfinite_rows(logits: jax.Array) -> jax.Array:
-    return ~jnp.all(jnp.isfinite(logits), axis=tuple(range(1, logits.ndim)))
 
 
 def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts: jax.Array,
@@ -396,7 +383,7 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
     key, sub = jax.random.split(key)
     first = sampler(first_logits, sub).astype(jnp.int32)
     width = kv.capacity + gamma + 2
-    history = History(tokens=history_from_prompts(prompts, prompt_lengths, kv.starts, width), starts=kv.starts,
+    history = History(tokens=kv_cache.place_rows(prompts, prompt_lengths, kv.starts, width), starts=kv.starts,
                       end=kv.end)
     history = history.replace(tokens=_write_rows(history.tokens, first[:, None], history.end))
     out_width = max_new_tokens + gamma + 1
@@ -409,7 +396,7 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
         lengths=jnp.ones((B,), jnp.int32),
         key=key,
         out_tokens=jnp.full((B, out_width), pad_id, jnp.int32).at[:, 0].set(first),
-        nonfinite=_nonfinite_rows(first_logits),
+        nonfinite=checks.nonfinite_rows(first_logits),
         stats=SpeculationStats(rounds=jnp.zeros((B,), jnp.int32), steps=jnp.zeros((B,), jnp.int32),
                                accepted=jnp.zeros((B,), jnp.int32), accepted_at=jnp.zeros((gamma,), jnp.int32)),
         expected=jnp.full((B,), float(gamma), jnp.float32),
@@ -459,7 +446,7 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
         if return_logits:
             out_logits = _write_rows(out_logits, logits, state.lengths)
         used = (slots < count[:, None])[..., None]
-        nonfinite = state.nonfinite | (running & _nonfinite_rows(jnp.where(used, logits, 0.0)))
+        nonfinite = state.nonfinite | (running & checks.nonfinite_rows(jnp.where(used, logits, 0.0)))
         verified = running & verifying
         accepted_mask = verified[:, None] & (slots[:, :gamma] < n[:, None])  # [B, γ]
         stats = SpeculationStats(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,29 +25,16 @@ from scipy import stats as scipy_stats
 
 import jaxdec
 from jaxdec import DecoderConfig, Seq2SeqConfig, family, model, speculative, tuning
-from jaxdec.speculative import Draft, DraftModel, History, PromptLookup, Proposal
+from jaxdec.speculative import DraftModel, History, PromptLookup
+# A draft that knows the answer (the plain run's own tokens), defined outside the library as a
+# user's draft would be.
+from jaxdec.tools.bench.speculative import OracleDraft as Oracle
 
 CONFIG = DecoderConfig(vocab_size=37, num_layers=2, d_model=32, num_heads=4, max_len=64, init_std=0.4,
                        position="rope", num_kv_heads=2, norm="rms", mlp="gated", tie_embeddings=False)
 PROMPTS = np.array([[5, 9, 2, 7, 5, 9, 2, 7, 5], [3, 1, 4, 1, 0, 0, 0, 0, 0], [8, 8, 6, 2, 6, 2, 0, 0, 0]], np.int32)
 LENGTHS = np.array([9, 4, 6], np.int32)
 NEW = 24
-
-
-@flax.struct.dataclass
-class Oracle(Draft):
-    """A draft that knows the answer: continuation int32 [B, M], the plain decode's tokens."""
-
-    continuation: jax.Array
-    prompt_lengths: jax.Array
-    num_tokens: int = flax.struct.field(pytree_node=False, default=3)
-
-    def propose(self, state, history: History, sampler, key, tuning):
-        newest = history.end - history.starts - self.prompt_lengths  # index of the newest token in the output
-        cols = newest[:, None] + jnp.arange(1, self.num_tokens + 1, dtype=jnp.int32)[None, :]
-        M = self.continuation.shape[1]
-        tokens = jnp.take_along_axis(self.continuation, jnp.clip(cols, 0, M - 1), axis=1)
-        return Proposal(tokens=tokens, logits=None, found=jnp.ones(newest.shape, bool)), state
 
 
 @functools.cache
