@@ -17,7 +17,7 @@ True where attention is allowed. Example: `jnp.einsum("BTNH,BSNH->BNTS", q, k)`.
 
 Public API: configs (DecoderConfig, Seq2SeqConfig, TrainConfig), `init_params`, `forward`,
 `check_params`, `generate` and `beam_search` (on params, or on `decode_params(params, config)`
-laid out once for many calls) with samplers (Greedy, Temperature, TopK, TopP, or
+laid out once for many calls, with a `kv_buffer` reused across calls) with samplers (Greedy, Temperature, TopK, TopP, or
 any `Sampler`), speculative decoding (`generate(..., draft=PromptLookup(...) | DraftModel(...))`), training (`create_train_state`, `train_step`, `train_step_checked`,
 `eval_step`) and sharding (`make_mesh`, `shard_params`, `shard_batch`). Each model family (decoder-only `model`, encoder-decoder
 `seq2seq`) is reached through `jaxdec.family.of(config)`; Hugging Face checkpoints through
@@ -26,9 +26,9 @@ any `Sampler`), speculative decoding (`generate(..., draft=PromptLookup(...) | D
 
 from jaxdec.api import check_params, forward, forward_checked, init_params
 from jaxdec.beam import beam_search
-from jaxdec.cache import KVCache
+from jaxdec.cache import KVBuffer, KVCache
 from jaxdec.config import DecoderConfig, Seq2SeqConfig, TrainConfig
-from jaxdec.decode import DecodeParams, DecodeState, GenerateResult, decode_params, generate
+from jaxdec.decode import DecodeParams, DecodeState, GenerateResult, decode_params, generate, kv_buffer
 from jaxdec.sampling import Greedy, Sampler, Temperature, TopK, TopP
 from jaxdec.sharding import make_mesh, shard_batch, shard_params
 from jaxdec.speculative import Draft, DraftModel, PromptLookup
@@ -42,6 +42,7 @@ __all__ = [
     "DraftModel",
     "GenerateResult",
     "Greedy",
+    "KVBuffer",
     "KVCache",
     "PromptLookup",
     "Sampler",
@@ -60,6 +61,7 @@ __all__ = [
     "forward_checked",
     "generate",
     "init_params",
+    "kv_buffer",
     "make_mesh",
     "shard_batch",
     "shard_params",

@@ -123,8 +123,7 @@ def attend(
       v: [B, S, K, H] values ([B, K, S, H] with heads_first).
       mask: bool broadcastable to [B, T, S] (or [T, S] unbatched), True where allowed; None: all.
       zero_unseen_values: zero the values no query may see, so NaN or inf there cannot reach the
-        output through 0 * NaN. The cached decode step turns this per-step pass over the cache
-        off: its unseen slots hold zeros or K/V computed from finite activations.
+        output through 0 * NaN.
       return_probs: also return the attention probabilities float32 [B, N, T, S] (for
         inspection; the same softmax the output is computed from).
       scale: the scores' multiplier; None means H ** -0.5.
@@ -281,8 +280,7 @@ def attend_cache(
         mask = mask & (slots <= query_slots[:, :, None])  # [B, T, S]
         if window is not None:
             mask = mask & (slots > query_slots[:, :, None] - window)
-        return attend(q, k_l, v_l, mask, heads_first=True, zero_unseen_values=False, scale=scale,
-                      softcap=softcap)
+        return attend(q, k_l, v_l, mask, heads_first=True, scale=scale, softcap=softcap)
 
     S = min(block_size, capacity)  # the key slots of one block: the S of the einsums below
     qg = (q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5 if scale is None else scale, q.dtype))  # [B, T, K, G, H]
@@ -316,6 +314,9 @@ def attend_cache(
         probs = jnp.exp(scores - shift[..., None])  # 0 at masked slots
         rescale = jnp.exp(row_max - shift)  # 0 while nothing was seen
         row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
+        # Slots no query may see can hold anything (a reused buffer's earlier contents, a rejected
+        # draft's K/V): a probability of 0 times NaN or inf there would still poison the output.
+        v_b = jnp.where(jnp.any(allowed, axis=1)[:, None, :, None], v_b, 0)  # [B, K, S, H]
         if T == 1 and sum_chunk:
             prod = probs[:, :, :, 0, :, None] * v_b[:, :, None].astype(jnp.float32)  # [B, K, G, S, H]
             values = chunked_sum(prod, axis=-2, chunk=sum_chunk)[:, :, :, None, :]  # [B, K, G, 1, H]

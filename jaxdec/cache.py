@@ -57,17 +57,51 @@ class KVCache:
         return self.replace(end=jnp.broadcast_to(self.end, self.starts.shape).astype(jnp.int32))
 
 
+@flax.struct.dataclass
+class KVBuffer:
+    """Storage for a KV cache, handed from one decode call to the next so that a large capacity
+    is allocated once (`jaxdec.kv_buffer`, then each `GenerateResult.buffer`). A call donates it:
+    the cache is written into these arrays in place, they come back in the result, and the
+    arrays passed in are deleted. Their contents are never read as data: attention sees only the
+    slots the call wrote itself and zeroes the values of the rest, so a buffer may hold anything.
+
+    Attributes:
+      k, v: [L, B, K, S, H], as `KVCache`.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.k.shape)
+
+
 def init_cache(
-    num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype=jnp.float32
+    num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype=jnp.float32,
+    buffer: KVBuffer | None = None,
 ) -> KVCache:
-    """An empty cache: zeros [L, B, K, S, H], starts = end = 0."""
+    """An empty cache: zeros [L, B, K, S, H] (or the storage of `buffer`, of that shape and
+    dtype, whatever it holds), starts = end = 0."""
     shape = (num_layers, batch, kv_heads, capacity, head_dim)
-    return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
-        starts=jnp.zeros((batch,), jnp.int32),
-        end=jnp.zeros((), jnp.int32),
-    )
+    if buffer is None:
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    else:
+        check_buffer(buffer, shape, dtype)
+        k, v = buffer.k, buffer.v
+    return KVCache(k=k, v=v, starts=jnp.zeros((batch,), jnp.int32), end=jnp.zeros((), jnp.int32))
+
+
+def check_buffer(buffer, shape: tuple[int, ...], dtype) -> None:
+    """A KVBuffer must have the cache's shape [L, B, K, S, H] and dtype (ValueError)."""
+    if not isinstance(buffer, KVBuffer):
+        raise ValueError(f"buffer must be a jaxdec.KVBuffer (jaxdec.kv_buffer, or a result's .buffer), "
+                         f"got {type(buffer).__name__}")
+    for name, x in (("k", buffer.k), ("v", buffer.v)):
+        if tuple(x.shape) != tuple(shape) or x.dtype != jnp.dtype(dtype):
+            raise ValueError(f"buffer.{name} is {x.dtype}{list(x.shape)}; this call's cache is "
+                             f"{jnp.dtype(dtype)}{list(shape)} [L, B, K, S, H]: make one with "
+                             f"jaxdec.kv_buffer(config, batch, capacity, dtype)")
 
 
 def place_rows(prompts: jax.Array, lengths: jax.Array, starts: jax.Array, width: int) -> jax.Array:

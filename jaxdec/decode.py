@@ -65,13 +65,16 @@ class GenerateResult:
     nonfinite bool [B]: a logit that row's tokens were sampled from was NaN or inf (broken
     params or overflow), so its tokens are meaningless; None only where nothing was checked;
     speculation: what speculative decoding did (`speculative.SpeculationStats`: verification
-    rounds, accepted drafts per row and per draft position), None without a draft."""
+    rounds, accepted drafts per row and per draft position), None without a draft;
+    buffer: the cache's storage (`cache.KVBuffer`) to pass to the next call, when this call was
+    given one."""
 
     tokens: jax.Array
     lengths: jax.Array
     logits: jax.Array | None = None
     nonfinite: jax.Array | None = None
     speculation: speculative.SpeculationStats | None = None
+    buffer: kv_cache.KVBuffer | None = None
 
 
 @flax.struct.dataclass
@@ -153,7 +156,8 @@ def decode_loop(
     eos_id: jax.Array,
     pad_id: jax.Array,
     return_logits: bool = False,
-) -> GenerateResult:
+    return_cache: bool = False,
+) -> GenerateResult | tuple[GenerateResult, Any]:
     """Samples max_new_tokens tokens per example in one `lax.while_loop`.
 
     The loop ends after max_new_tokens - 1 steps or as soon as every example has emitted
@@ -166,6 +170,7 @@ def decode_loop(
       first_logits: float32 [B, V], the prefill's prediction of the first new token.
       positions: int32 [B], position of the first new token (each prompt's length).
       eos_id: int32 [], stop token (-1: never stop); pad_id: int32 [], emitted after stopping.
+      return_cache: also return the step function's final state (the pair (result, cache)).
     """
     key, sub = jax.random.split(key)
     first = sampler(first_logits, sub)
@@ -211,18 +216,23 @@ def decode_loop(
         )
 
     final = jax.lax.while_loop(running, body, state)
-    return GenerateResult(tokens=final.out_tokens, lengths=final.lengths, logits=final.out_logits,
-                          nonfinite=final.nonfinite)
+    result = GenerateResult(tokens=final.out_tokens, lengths=final.lengths, logits=final.out_logits,
+                            nonfinite=final.nonfinite)
+    return (result, final.cache) if return_cache else result
 
 
 def prefill_and_step(params, config, tokens, lengths, capacity, source, source_lengths, use_cache: bool,
-                     tuning: Tuning = tuning.PLAIN):
-    """The model family's prefill, run now, and its step function for the loop (cached, or the
-    uncached baseline), both under `tuning`."""
+                     tuning: Tuning = tuning.PLAIN, buffer: kv_cache.KVBuffer | None = None):
+    """The model family's prefill, run now (into `buffer`'s storage, if given), and its step
+    function for the loop (cached, or the uncached baseline), both under `tuning`."""
     fam = family.of(config)
-    prefill, step = (fam.prefill, fam.step) if use_cache else (fam.prefill_uncached, fam.recompute_step)
-    logits, state = prefill(params, config, tokens, lengths, capacity, source, source_lengths, tuning=tuning)
-    return logits, state, functools.partial(step, tuning=tuning)
+    if not use_cache:
+        logits, state = fam.prefill_uncached(params, config, tokens, lengths, capacity, source, source_lengths,
+                                             tuning=tuning)
+        return logits, state, functools.partial(fam.recompute_step, tuning=tuning)
+    logits, state = fam.prefill(params, config, tokens, lengths, capacity, source, source_lengths, tuning=tuning,
+                                buffer=buffer)
+    return logits, state, functools.partial(fam.step, tuning=tuning)
 
 
 @functools.cache
@@ -247,8 +257,8 @@ class DecodeProgram:
     bound into the program, with that tuning's compiler options where this jaxlib accepts them
     (and the program is not traced inside the caller's jit)."""
 
-    def __init__(self, fn: Callable, static_argnames: tuple[str, ...]):
-        self._fn, self._static_argnames = fn, static_argnames
+    def __init__(self, fn: Callable, static_argnames: tuple[str, ...], donate_argnames: tuple[str, ...] = ()):
+        self._fn, self._static_argnames, self._donate_argnames = fn, static_argnames, donate_argnames
         self._programs = {}  # (tuning, compiler options) -> jitted fn
 
     def for_tuning(self, tuned: Tuning, traced: bool = False):
@@ -259,6 +269,7 @@ class DecodeProgram:
         if (tuned, options) not in self._programs:
             self._programs[tuned, options] = jax.jit(functools.partial(self._fn, tuning=tuned),
                                                      static_argnames=self._static_argnames,
+                                                     donate_argnames=self._donate_argnames,
                                                      compiler_options=dict(options) or None)
         return self._programs[tuned, options]
 
@@ -268,8 +279,8 @@ class DecodeProgram:
         tuned = params.tuning if isinstance(params, DecodeParams) else tuning.for_platform(platform)
         return self.for_tuning(tuned, traced=platform is None)
 
-    def __call__(self, params, inputs, options):
-        return self.for_inputs(params, options.mesh)(params, inputs, options)
+    def __call__(self, params, inputs, options, *args):
+        return self.for_inputs(params, options.mesh)(params, inputs, options, *args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,11 +301,11 @@ class DecodeOptions:
 
 
 def prefill_inputs(params, inputs: "DecodeInputs", options, tuning: Tuning, use_cache: bool = True,
-                   rows_per_prompt: int = 1):
+                   rows_per_prompt: int = 1, buffer: kv_cache.KVBuffer | None = None):
     """Inside a decode program: the inputs constrained to the mesh, the decode params (for the
     cached path, laid out before the prefill so that it reads the same layout, for a loop over
-    rows_per_prompt rows per prompt: beam search's beams), and the prefill's logits, state and
-    step function."""
+    rows_per_prompt rows per prompt: beam search's beams), and the prefill's logits, state (its
+    cache in `buffer`'s storage, if given) and step function."""
     mesh, config = options.mesh, options.config
     params, (prompts, lengths, source, source_lengths) = sharding.constrain_decode_inputs(
         mesh, params, (inputs.prompts, inputs.lengths, inputs.source, inputs.source_lengths))
@@ -305,30 +316,40 @@ def prefill_inputs(params, inputs: "DecodeInputs", options, tuning: Tuning, use_
     elif isinstance(params, DecodeParams):
         params = params.params
     logits, state, step = prefill_and_step(params, config, inputs.prompts, inputs.lengths, options.capacity,
-                                           inputs.source, inputs.source_lengths, use_cache, tuning)
+                                           inputs.source, inputs.source_lengths, use_cache, tuning, buffer)
     return params, inputs, logits, state, sharding.sharded_step(step, mesh)
 
 
-def _generate_program(params, inputs: "DecodeInputs", options: DecodeOptions, *, tuning: Tuning) -> GenerateResult:
-    params, inputs, logits, state, step = prefill_inputs(params, inputs, options, tuning, options.use_cache)
-    return decode_loop(
+def _buffer_of(config, cache) -> kv_cache.KVBuffer:
+    """The storage of a decode state's self-attention cache, to hand to the next call."""
+    kv = family.of(config).self_kv(cache)
+    return kv_cache.KVBuffer(k=kv.k, v=kv.v)
+
+
+def _generate_program(params, inputs: "DecodeInputs", options: DecodeOptions, buffer=None, *,
+                      tuning: Tuning) -> GenerateResult:
+    params, inputs, logits, state, step = prefill_inputs(params, inputs, options, tuning, options.use_cache,
+                                                         buffer=buffer)
+    result, cache = decode_loop(
         lambda p, c, t, pos: step(p, options.config, c, t, pos),
         params, sharding.constrain_caches(state, options.mesh), logits, inputs.lengths,
         sampler=sampling.tuned(options.sampler, tuning), key=inputs.key, max_new_tokens=options.max_new_tokens,
-        eos_id=inputs.eos_id, pad_id=inputs.pad_id, return_logits=options.return_logits,
+        eos_id=inputs.eos_id, pad_id=inputs.pad_id, return_logits=options.return_logits, return_cache=True,
     )
+    return result if buffer is None else result.replace(buffer=_buffer_of(options.config, cache))
 
 
-_generate = DecodeProgram(_generate_program, static_argnames=("options",))
+# A given buffer is donated: the program writes its cache into that storage in place.
+_generate = DecodeProgram(_generate_program, static_argnames=("options",), donate_argnames=("buffer",))
 
 
-def _speculative_program(params, inputs: "DecodeInputs", draft, options: DecodeOptions, *,
+def _speculative_program(params, inputs: "DecodeInputs", draft, options: DecodeOptions, buffer=None, *,
                          tuning: Tuning) -> GenerateResult:
     """Prefill, the draft's start, and the draft-and-verify rounds (`speculative.speculative_loop`)
     as one program."""
     # The verification reads γ + 1 rows per prompt: the params' layout is the one for that many rows.
     params, inputs, logits, state, _ = prefill_inputs(params, inputs, options, tuning,
-                                                      rows_per_prompt=draft.num_tokens + 1)
+                                                      rows_per_prompt=draft.num_tokens + 1, buffer=buffer)
     fam, config, mesh = family.of(options.config), options.config, options.mesh
     draft_state = draft.start(speculative.DraftStart(inputs=inputs, capacity=options.capacity, tuning=tuning,
                                                      mesh=mesh))
@@ -339,10 +360,11 @@ def _speculative_program(params, inputs: "DecodeInputs", draft, options: DecodeO
         max_new_tokens=options.max_new_tokens, eos_id=inputs.eos_id, pad_id=inputs.pad_id,
         return_logits=options.return_logits, fam=fam, tuning=tuning)
     tokens, lengths, out_logits, nonfinite, stats = final.outputs(options.max_new_tokens)
-    return GenerateResult(tokens=tokens, lengths=lengths, logits=out_logits, nonfinite=nonfinite, speculation=stats)
+    return GenerateResult(tokens=tokens, lengths=lengths, logits=out_logits, nonfinite=nonfinite, speculation=stats,
+                          buffer=None if buffer is None else _buffer_of(config, final.cache))
 
 
-_speculative = DecodeProgram(_speculative_program, static_argnames=("options",))
+_speculative = DecodeProgram(_speculative_program, static_argnames=("options",), donate_argnames=("buffer",))
 
 
 def check_draft(draft, config, use_cache: bool) -> None:
@@ -500,6 +522,7 @@ def generate(
     return_logits: bool = False,
     mesh=None,
     draft=None,
+    buffer: kv_cache.KVBuffer | None = None,
 ) -> GenerateResult:
     """Generates max_new_tokens tokens after each prompt.
 
@@ -529,17 +552,24 @@ def generate(
         forward of the model. The tokens have exactly the distribution plain decoding gives
         (greedy: the same tokens, up to float rounding of near-ties). Needs γ spare cache slots:
         capacity >= P + max_new_tokens + γ (the default when capacity is None).
+      buffer: storage for the KV cache (`jaxdec.kv_buffer(config, B, capacity, dtype)`, or the
+        `.buffer` of an earlier result), so that a large capacity is not allocated again on each
+        call. It is donated: its arrays are deleted and the result's `.buffer` holds the storage
+        for the next call. Its contents never affect the tokens. capacity defaults to its own.
 
     Returns:
       GenerateResult(tokens int32 [B, max_new_tokens], lengths int32 [B], logits, nonfinite
       bool [B]: check it, a row sampled from NaN or inf logits holds meaningless tokens;
-      speculation: acceptance counts, with a draft).
+      speculation: acceptance counts, with a draft; buffer: with buffer=, the storage back).
 
     Raises:
       ValueError before any compute for params that do not match config, bad shapes, dtypes,
       ids, lengths, sizes, samplers or special ids.
     """
     check_layout(params, config, mesh, use_cache)
+    if buffer is not None:
+        check_buffer_arg(buffer, config, np.shape(prompts)[0], capacity, use_cache)
+        capacity = buffer.k.shape[3] if capacity is None else capacity
     spare = 0
     if draft is not None:
         check_draft(draft, config, use_cache)
@@ -553,5 +583,36 @@ def generate(
     options = DecodeOptions(config=config, max_new_tokens=max_new_tokens, capacity=capacity, sampler=sampler,
                             use_cache=use_cache, return_logits=return_logits, mesh=mesh)
     if draft is not None:
-        return _speculative.for_inputs(params, mesh)(params, inputs, draft, options)
-    return _generate(params, inputs, options)
+        return _speculative.for_inputs(params, mesh)(params, inputs, draft, options, buffer)
+    return _generate(params, inputs, options, buffer)
+
+
+def kv_buffer(config: DecoderConfig | Seq2SeqConfig, batch: int, capacity: int, dtype=jnp.float32,
+              mesh=None) -> kv_cache.KVBuffer:
+    """Storage for the KV cache of `generate(..., buffer=)` calls over `batch` rows with
+    `capacity` slots: k and v [L, B, K, S, H] in `dtype` (the params' dtype; the decoder's for an
+    encoder-decoder), allocated once here and then handed from each result (`.buffer`) to the
+    next call. mesh: placed as a decode program under that mesh holds its cache (batch over
+    data x fsdp, KV heads over tensor)."""
+    api.check_config(config)
+    checks.positive_int("batch", batch)
+    checks.positive_int("capacity", capacity)
+    shape = (config.num_layers, batch, config.kv_heads, capacity, config.head_dim)
+    buffer = kv_cache.KVBuffer(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    return buffer if mesh is None else sharding.shard_cache(buffer, mesh)
+
+
+def check_buffer_arg(buffer, config, batch: int, capacity, use_cache: bool) -> None:
+    """`generate`'s buffer: the cached path, a live KVBuffer of this call's cache shape (the dtype
+    is checked against the params' where the cache is made). ValueError before any compute."""
+    if not use_cache:
+        raise ValueError("buffer= holds a KV cache: use_cache must be True")
+    if not isinstance(buffer, kv_cache.KVBuffer):
+        raise ValueError(f"buffer must be a jaxdec.KVBuffer (jaxdec.kv_buffer, or a result's .buffer), "
+                         f"got {type(buffer).__name__}")
+    if any(isinstance(x, jax.Array) and checks.is_concrete(x) and x.is_deleted() for x in (buffer.k, buffer.v)):
+        raise ValueError("this buffer was donated to an earlier generate call and its arrays are deleted: "
+                         "pass that call's result.buffer instead")
+    S = buffer.k.shape[3] if capacity is None else capacity
+    shape = (config.num_layers, batch, config.kv_heads, S, config.head_dim)
+    kv_cache.check_buffer(buffer, shape, buffer.k.dtype)

@@ -11,8 +11,9 @@ The functions, with B batch, T / P token and prompt lengths, S cache capacity, V
 - init(config, key) -> params (a pytree of float32 arrays).
 - forward(params, config, tokens [B,T], lengths [B], source, source_lengths, dropout_rate, rng,
   return_attention) -> logits float32 [B,T,V] (and the attention dict with return_attention).
-- prefill(params, config, tokens [B,P], lengths [B], capacity, source, source_lengths)
-  -> (logits float32 [B,V] predicting each prompt's next token, cache).
+- prefill(params, config, tokens [B,P], lengths [B], capacity, source, source_lengths, buffer=None)
+  -> (logits float32 [B,V] predicting each prompt's next token, cache); buffer: a
+  `cache.KVBuffer` whose storage the self-attention cache takes instead of new zeros.
 - step(params, config, cache, tokens [B], positions [B]) -> (logits float32 [B,V], cache).
 - extend(params, config, cache, tokens [B,C]) -> (logits float32 [B,C,V], cache): C new tokens
   per row against the cache (speculative verification); `step` is extend with C = 1.

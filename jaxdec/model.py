@@ -26,7 +26,7 @@ from jaxdec import cache as kv_cache
 from jaxdec import family, layers
 from jaxdec.attention import (attend, attend_cache, attend_causal, causal_mask, combine_masks, decoder_self_mask,
                               key_range_mask)
-from jaxdec.cache import CrossKV, KVCache
+from jaxdec.cache import CrossKV, KVBuffer, KVCache
 from jaxdec.config import DecoderConfig
 from jaxdec.tuning import PLAIN, Tuning
 
@@ -484,7 +484,7 @@ def extend(params: dict, config: DecoderConfig, cache: KVCache, tokens: jax.Arra
 
 
 def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, lengths: jax.Array, capacity: int,
-            cross: CrossKV | None = None, tuning: Tuning = PLAIN):
+            cross: CrossKV | None = None, tuning: Tuning = PLAIN, buffer: KVBuffer | None = None):
     """Writes right-padded prompts into a new cache, in chunks of `chunk_size` tokens.
 
     The prompts are right-aligned against the longest one (P' = max(lengths)), and only the
@@ -498,6 +498,8 @@ def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, lengths: jax
       capacity: S >= P, cache slots.
       cross: the encoder's cross-attention K/V (encoder-decoder only).
       tuning: the query rows per chunk (tuning.prefill_chunk) and the attention's blocks.
+      buffer: storage to write the cache into instead of new zeros (`cache.KVBuffer`, shaped
+        [L, B, K, capacity, H] in the params' dtype; its contents are never attended).
 
     Returns:
       logits float32 [B, V] after each prompt's last token, and the KVCache (starts[b] =
@@ -508,7 +510,7 @@ def prefill(params: dict, config: DecoderConfig, tokens: jax.Array, lengths: jax
     width = jnp.max(lengths).astype(jnp.int32)
     aligned, starts = right_align(tokens, lengths, width)
     dtype = jnp.result_type(params["embed"])
-    cache = kv_cache.init_cache(config.num_layers, B, capacity, config.kv_heads, config.head_dim, dtype)
+    cache = kv_cache.init_cache(config.num_layers, B, capacity, config.kv_heads, config.head_dim, dtype, buffer)
     cache = cache.replace(starts=starts)
 
     def chunk(c, carry):
@@ -604,9 +606,9 @@ def _forward(params, config: DecoderConfig, tokens, lengths, source=None, source
 
 
 def _prefill(params, config: DecoderConfig, tokens, lengths, capacity: int, source=None,
-             source_lengths=None, tuning: Tuning = PLAIN):
+             source_lengths=None, tuning: Tuning = PLAIN, buffer: KVBuffer | None = None):
     del source, source_lengths
-    return prefill(params, config, tokens, lengths, capacity, tuning=tuning)
+    return prefill(params, config, tokens, lengths, capacity, tuning=tuning, buffer=buffer)
 
 
 def _prefill_uncached(params, config: DecoderConfig, tokens, lengths, capacity: int, source=None,

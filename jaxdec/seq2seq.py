@@ -145,13 +145,14 @@ class Seq2SeqCache:
 
 
 def prefill(params, config: Seq2SeqConfig, tokens, lengths, capacity, source, source_lengths,
-            tuning: Tuning = PLAIN):
+            tuning: Tuning = PLAIN, buffer=None):
     """Encodes the source once, projects cross K/V once, and prefills the decoder prompts
-    (tokens int32 [B, P] right-padded, lengths int32 [B]) in chunks."""
+    (tokens int32 [B, P] right-padded, lengths int32 [B]) in chunks (into `buffer`'s storage, if
+    given: the self-attention cache's)."""
     encoded = encode(params, config, source, source_lengths, tuning=tuning)
     cross = cross_kv(params, config, encoded, source_lengths)
     logits, self_kv = model.prefill(decoder_view(params), config, tokens, lengths, capacity, cross=cross,
-                                    tuning=tuning)
+                                    tuning=tuning, buffer=buffer)
     return logits, Seq2SeqCache(self_kv=self_kv, cross=cross)
 
 

@@ -201,6 +201,19 @@ def check_decoding():
                                           err_msg=f"speculative greedy tokens on {shape} with {type(draft).__name__}")
     ok("speculative greedy tokens (prompt lookup, draft model) on (2, 2, 2) and (1, 2, 4) equal one device's")
 
+    # A cache buffer placed for the mesh, handed from call to call: donated, sharded like the cache.
+    mesh = jaxdec.make_mesh(2, 2, 2)
+    placed = jaxdec.shard_params(params, mesh)
+    buffer = jaxdec.kv_buffer(MC, 8, prompts.shape[1] + new + 3, mesh=mesh)
+    for draft in (None, jaxdec.PromptLookup(num_tokens=3)):
+        passed = buffer
+        got = jaxdec.generate(placed, MC, prompts, lengths, max_new_tokens=new, mesh=mesh, draft=draft, buffer=passed)
+        np.testing.assert_array_equal(np.asarray(got.tokens), want, err_msg=f"tokens with a buffer, draft {draft}")
+        assert passed.k.is_deleted() and passed.v.is_deleted(), "the buffer was not donated on the mesh"
+        assert got.buffer.k.sharding.is_equivalent_to(passed.k.sharding, 5), got.buffer.k.sharding
+        buffer = got.buffer
+    ok("a kv_buffer on (2, 2, 2): donated, kept its sharding, the same tokens, plain and speculative")
+
     mesh = jaxdec.make_mesh(2, 2, 2)
     placed = jaxdec.shard_params(params, mesh)
     capacity = prompts.shape[1] + new

@@ -24,11 +24,25 @@ def _generate_seconds(params, config, prompts, repeats: int, **kwargs) -> tuple[
     return timing.compile_seconds, timing.seconds
 
 
+def _reused_buffer_seconds(params, config, prompts, capacity: int, new_tokens: int, repeats: int) -> float:
+    """Median seconds of a generate call that writes its cache into the previous call's storage
+    (`generate(..., buffer=)`), so that nothing is allocated per call."""
+    held = [jaxdec.kv_buffer(config, prompts.shape[0], capacity)]
+
+    def run():
+        result = jaxdec.generate(params, config, prompts, max_new_tokens=new_tokens, buffer=held.pop())
+        held.append(result.buffer)
+        return result.tokens
+
+    return measure(run, repeats).seconds
+
+
 def bench_capacity(capacities=(264, 1024, 4096, 16384), batches=(1, 8), prompt_len=8, new_tokens=256,
                    repeats=3) -> list[dict]:
     """The same work (prompt_len + new_tokens tokens) in caches of growing capacity: whole
-    generate calls, and apart from them the prefill (which allocates and zeroes the cache, the
-    one cost that must grow with capacity) and the decode steps."""
+    generate calls, with a new cache per call and with one buffer reused across calls
+    (`jaxdec.kv_buffer`), and apart from them the prefill (which allocates and zeroes the cache,
+    the one cost that must grow with capacity) and the decode steps."""
     config = dataclasses.replace(BENCH_CONFIG, max_len=max(capacities))
     params = jaxdec.init_params(config, jax.random.key(0))
     prefill = jax.jit(jaxdec.model.prefill, static_argnames=("config", "capacity"))
@@ -40,15 +54,19 @@ def bench_capacity(capacities=(264, 1024, 4096, 16384), batches=(1, 8), prompt_l
         for capacity in capacities:
             _, median = _generate_seconds(params, config, prompts, repeats, max_new_tokens=new_tokens,
                                           capacity=capacity)
+            reused = _reused_buffer_seconds(params, config, prompts, capacity, new_tokens, repeats)
             buffer = jnp.pad(prompts, ((0, 0), (0, capacity - new_tokens - prompt_len)))  # as generate pads
             run_prefill = lambda: prefill(params, config, buffer, lengths, capacity)[1].k  # noqa: E731
             prefill_s = measure(run_prefill, repeats).seconds
             tok_s = batch * new_tokens / median
             step_s = max(median - prefill_s, 1e-9) / new_tokens
-            base = base or (tok_s, step_s)
+            reused_tok_s = batch * new_tokens / reused
+            base = base or (tok_s, step_s, reused_tok_s)
             rows.append({"bench": "scaling", "sweep": "capacity", "batch": batch, "capacity": capacity,
                          "prompt": prompt_len, "new_tokens": new_tokens, "tokens_per_s": round(tok_s, 1),
                          "slowdown_vs_first": round(base[0] / tok_s, 2),
+                         "reused_buffer_tokens_per_s": round(reused_tok_s, 1),
+                         "reused_buffer_slowdown_vs_first": round(base[2] / reused_tok_s, 2),
                          "prefill_and_allocation_ms": round(1e3 * prefill_s, 1),
                          "decode_step_us": round(1e6 * step_s, 1),
                          "step_slowdown_vs_first": round(step_s / base[1], 2), "xla_flags": xla_flags()})
