@@ -357,6 +357,40 @@ def _write_rows(buffer: jax.Array, rows: jax.Array, at: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, buffer.shape[0], one, buffer)
 
 
+@flax.struct.dataclass
+class _Verified:
+    """What one round's forward pass gives: the target's cache, the emitted tokens int32
+    [B, γ + 1] and accepted drafts n int32 [B] (`accept`), finite bool [B, γ + 1] (the logits at
+    each position hold no NaN or inf), and the logits float32 [B, γ + 1, V] if they are kept."""
+
+    cache: Any
+    emitted: jax.Array
+    n: jax.Array
+    finite: jax.Array
+    logits: jax.Array | None
+
+    @staticmethod
+    def of(cache, emitted, n, logits, keep_logits: bool) -> "_Verified":
+        finite = jnp.all(jnp.isfinite(logits), axis=-1)
+        return _Verified(cache=cache, emitted=emitted, n=n, finite=finite, logits=logits if keep_logits else None)
+
+    @staticmethod
+    def empty(cache, B: int, C: int, V: int, keep_logits: bool) -> "_Verified":
+        return _Verified(cache=cache, emitted=jnp.zeros((B, C), jnp.int32), n=jnp.zeros((B,), jnp.int32),
+                         finite=jnp.ones((B, C), bool),
+                         logits=jnp.zeros((B, C, V), jnp.float32) if keep_logits else None)
+
+    def fields(self):
+        return self.cache, self.emitted, self.n, self.logits, self.finite
+
+
+def _run_if(pred: jax.Array, fn, carry):
+    """fn(carry) where pred (bool []) is True, else carry: as a loop of zero or one iteration.
+    Under a `lax.cond` XLA's CPU backend copied the whole carried cache in and out of both
+    branches every round; a loop updates it in place."""
+    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros((), bool), fn(c[1])), (pred, carry))[1]
+
+
 def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts: jax.Array,
                      prompt_lengths: jax.Array, *, draft, draft_state, sampler, key: jax.Array,
                      max_new_tokens: int, eos_id: jax.Array, pad_id: jax.Array, return_logits: bool = False,
@@ -411,20 +445,22 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
         newest = state.history.at(0)
         end = fam.self_kv(state.cache).end
 
-        def verify(cache):
+        def verify(carry):
             tokens = jnp.concatenate([newest[:, None], proposal.tokens], axis=1)  # [B, γ + 1]
-            logits, cache = extend_fn(params, cache, tokens)
+            logits, cache = extend_fn(params, carry.cache, tokens)
             emitted, n = accept(logits, proposal, sampler, k_accept)
-            return cache, emitted, n, logits
+            return _Verified.of(cache, emitted, n, logits, return_logits)
 
-        def step(cache):  # no row has a draft: one token, as plain decoding would
-            logits, cache = extend_fn(params, cache, newest[:, None])
+        def step(carry):  # no row has a draft: one token, as plain decoding would
+            logits, cache = extend_fn(params, carry.cache, newest[:, None])
             emitted, n = accept(logits, proposal, sampler, k_accept)
             pad = lambda a: jnp.pad(a, ((0, 0), (0, gamma)) + ((0, 0),) * (a.ndim - 2))  # noqa: E731
-            return cache, pad(emitted), n, pad(logits)
+            return _Verified.of(cache, pad(emitted), n, pad(logits), return_logits)
 
         verifying = should_verify(state.expected, proposal.found, running, ratio)
-        cache, emitted, n, logits = jax.lax.cond(verifying, verify, step, state.cache)
+        out = _Verified.empty(state.cache, B, gamma + 1, V, return_logits)
+        out = _run_if(verifying, verify, out)
+        cache, emitted, n, logits, finite = _run_if(~verifying, step, out).fields()
         # Tokens this round adds to each row: the accepted drafts and one more, cut at eos and at
         # max_new_tokens; none for rows already done.
         slots = jnp.arange(gamma + 1, dtype=jnp.int32)[None, :]
@@ -445,8 +481,7 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
         out_logits = state.out_logits
         if return_logits:
             out_logits = _write_rows(out_logits, logits, state.lengths)
-        used = (slots < count[:, None])[..., None]
-        nonfinite = state.nonfinite | (running & checks.nonfinite_rows(jnp.where(used, logits, 0.0)))
+        nonfinite = state.nonfinite | (running & jnp.any(~finite & (slots < count[:, None]), axis=1))
         verified = running & verifying
         accepted_mask = verified[:, None] & (slots[:, :gamma] < n[:, None])  # [B, γ]
         stats = SpeculationStats(
