@@ -342,3 +342,32 @@ def test_warp_is_the_distribution_the_sampler_draws_from(sampler_name):
     assert np.all(counts[probs == 0] == 0)
     keep = probs > 0
     assert scipy_stats.chisquare(counts[keep], probs[keep] * counts.sum() / probs[keep].sum()).pvalue > 1e-4
+
+
+def _loop_copies_of(hlo: str, shape: str) -> list[str]:
+    """The copy instructions of an array of `shape` (e.g. 'f32[2,3,2,40,8]') in every computation of
+    the compiled program but its entry (where the cache is made once)."""
+    found, computation = [], None
+    for line in hlo.splitlines():
+        if not line.startswith(" ") and line.endswith("{"):
+            computation = line.split()[0]
+        if computation != "ENTRY" and f"= {shape}" in line and " copy(" in line:
+            found.append(f"{computation}: {line.strip()[:120]}")
+    return found
+
+
+def test_rounds_update_the_cache_in_place():
+    """The compiled speculative program copies no cache-sized array inside its loop: choosing
+    between verification and a plain step must not copy the cache (a `lax.cond` over it did, in
+    and out of both branches, every round, on CPU). A structural check of the compiled program,
+    not a timing; a planted cond makes it fail."""
+    params = _params()
+    capacity = 40
+    inputs, _ = jaxdec.decode.prepare_inputs(params, CONFIG, PROMPTS, LENGTHS, max_new_tokens=NEW,
+                                             capacity=capacity, spare_slots=3)
+    options = jaxdec.decode.DecodeOptions(config=CONFIG, max_new_tokens=NEW, capacity=capacity)
+    program = jaxdec.decode._speculative.for_inputs(params)
+    hlo = program.lower(params, inputs, PromptLookup(num_tokens=3), options).compile().as_text()
+    shape = f"f32[{CONFIG.num_layers},3,{CONFIG.kv_heads},{capacity},{CONFIG.head_dim}]"
+    assert f"= {shape}" in hlo, "the cache's shape was not found: the check would be vacuous"
+    assert _loop_copies_of(hlo, shape) == []
