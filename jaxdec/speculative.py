@@ -100,6 +100,10 @@ class Draft:
       start(context: DraftStart) -> state: its loop state (any pytree), once per decode.
       propose(state, history: History, sampler, key, tuning) -> (Proposal, state); tuning: the
         program's `Tuning`, for a draft that runs a model.
+      skip(state, history: History, tuning) -> state (optional): called instead of propose in a
+        round that will not verify (even a draft for every row would not pay): a draft whose
+        proposals cost something keeps its state up to date at less cost. Without it, the draft
+        proposes every round.
     """
 
     num_tokens: int
@@ -205,13 +209,25 @@ class DraftModel(Draft):
                                inputs.source, inputs.source_lengths, tuning=context.tuning)
         return params, fam.with_self_kv(cache, fam.self_kv(cache).per_row())
 
-    def propose(self, state, history: History, sampler, key, tuning):
+    def _read_newest(self, state, history: History, tuning):
+        """The draft's logits float32 [B, 2, V] after the row's two newest tokens, written at
+        their slots, and its state."""
         params, cache = state
         fam = family.of(self.config)
         kv = fam.self_kv(cache)
         cache = fam.with_self_kv(cache, kv.replace(end=history.end - 1))
         pair = jnp.stack([history.at(-1), history.at(0)], axis=1)  # [B, 2]
         logits, cache = fam.extend(params, self.config, cache, pair, tuning=tuning)
+        return logits, (params, cache)
+
+    def skip(self, state, history: History, tuning):
+        # A round without a draft emits one token: reading the two newest tokens each round keeps
+        # every slot up to the newest written, as a proposing round does.
+        return self._read_newest(state, history, tuning)[1]
+
+    def propose(self, state, history: History, sampler, key, tuning):
+        logits, (params, cache) = self._read_newest(state, history, tuning)
+        fam = family.of(self.config)
         keys = jax.random.split(key, self.num_tokens)
         first = sampler(logits[:, -1], keys[0])
 
@@ -310,12 +326,15 @@ def should_verify(expected: jax.Array, found: jax.Array, running: jax.Array, rat
 class SpeculationStats:
     """What speculation did, per row while it ran: rounds int32 [B] (verifications), steps
     int32 [B] (plain one-token rounds: no row had a draft), accepted int32 [B] (drafts accepted),
-    accepted_at int32 [γ] (rows x rounds whose draft i was accepted, summed over rows)."""
+    accepted_at int32 [γ] (rows x rounds whose draft i was accepted, summed over rows), drafted
+    int32 [B] (rounds in which the draft proposed; a draft with `skip` does not propose in rounds
+    that could not verify)."""
 
     rounds: jax.Array
     steps: jax.Array
     accepted: jax.Array
     accepted_at: jax.Array
+    drafted: jax.Array
 
     def acceptance_rate(self) -> jax.Array:
         """float32 [γ]: the share of verifications in which draft i was accepted."""
@@ -384,6 +403,13 @@ class _Verified:
         return self.cache, self.emitted, self.n, self.logits, self.finite
 
 
+def _no_proposal(draft, draft_state, history: History, sampler, key, tuning) -> Proposal:
+    """A proposal shaped like the draft's, with no row found (for rounds the draft skips)."""
+    shapes = jax.eval_shape(lambda: draft.propose(draft_state, history, sampler, key, tuning)[0])
+    proposal = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    return proposal.replace(found=jnp.zeros(shapes.found.shape, bool))
+
+
 def _run_if(pred: jax.Array, fn, carry):
     """fn(carry) where pred (bool []) is True, else carry: as a loop of zero or one iteration.
     Under a `lax.cond` XLA's CPU backend copied the whole carried cache in and out of both
@@ -432,16 +458,30 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
         out_tokens=jnp.full((B, out_width), pad_id, jnp.int32).at[:, 0].set(first),
         nonfinite=checks.nonfinite_rows(first_logits),
         stats=SpeculationStats(rounds=jnp.zeros((B,), jnp.int32), steps=jnp.zeros((B,), jnp.int32),
-                               accepted=jnp.zeros((B,), jnp.int32), accepted_at=jnp.zeros((gamma,), jnp.int32)),
+                               accepted=jnp.zeros((B,), jnp.int32), accepted_at=jnp.zeros((gamma,), jnp.int32),
+                               drafted=jnp.zeros((B,), jnp.int32)),
         expected=jnp.full((B,), float(gamma), jnp.float32),
         out_logits=out_logits,
     )
     ratio = verify_ratio(B, gamma, tuning.verify_row_cost)
+    no_proposal = _no_proposal(draft, draft_state, history, sampler, key, tuning)
+
+    def draft_round(state: SpecState, key):
+        """(the proposal, the draft's state, bool []: the draft proposed). A draft with `skip` is
+        skipped when even a draft for every running row would not be verified."""
+        if not hasattr(draft, "skip"):
+            return *draft.propose(state.draft_state, state.history, sampler, key, tuning), jnp.ones((), bool)
+        running = ~state.done
+        drafting = should_verify(state.expected, running, running, ratio)
+        carry = _run_if(drafting, lambda c: draft.propose(c[1], state.history, sampler, key, tuning),
+                        (no_proposal, state.draft_state))
+        carry = _run_if(~drafting, lambda c: (c[0], draft.skip(c[1], state.history, tuning)), carry)
+        return *carry, drafting
 
     def round_(state: SpecState) -> SpecState:
         running = ~state.done
         key, k_draft, k_accept = jax.random.split(state.key, 3)
-        proposal, draft_state = draft.propose(state.draft_state, state.history, sampler, k_draft, tuning)
+        proposal, draft_state, drafting = draft_round(state, k_draft)
         newest = state.history.at(0)
         end = fam.self_kv(state.cache).end
 
@@ -489,6 +529,7 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
             steps=state.stats.steps + (running & ~verifying).astype(jnp.int32),
             accepted=state.stats.accepted + jnp.where(verified, n, 0),
             accepted_at=state.stats.accepted_at + jnp.sum(accepted_mask, axis=0, dtype=jnp.int32),
+            drafted=state.stats.drafted + (running & drafting).astype(jnp.int32),
         )
         tried = verified & proposal.found
         expected = jnp.where(tried, (1 - ESTIMATE_WEIGHT) * state.expected + ESTIMATE_WEIGHT * n.astype(jnp.float32),

@@ -74,7 +74,46 @@ def test_greedy_speculative_equals_plain_greedy(kind):
     if kind == "adversarial":  # never accepted; the rows fall back to plain steps
         np.testing.assert_array_equal(accepted, 0)
         assert np.asarray(s.steps).min() > 0
+    if isinstance(draft, DraftModel):  # it drafts for every row, so it proposes exactly when a round verifies
+        np.testing.assert_array_equal(np.asarray(s.drafted), rounds)
+    else:  # no skip: it proposes every round
+        np.testing.assert_array_equal(np.asarray(s.drafted), rounds + np.asarray(s.steps))
     np.testing.assert_array_equal(np.asarray(s.accepted_at).sum(), accepted.sum())
+
+
+def test_a_draft_model_that_skipped_rounds_proposes_as_one_that_never_did():
+    """DraftModel.skip keeps its cache up to date: after three rounds it skipped (each adding one
+    token to the history), its proposal equals that of a draft that proposed in every round
+    (tokens, and logits to 1e-5); a draft that neither proposed nor skipped does not."""
+    params = _params()
+    draft = DraftModel(_params(7), CONFIG, num_tokens=3)
+    inputs, capacity = jaxdec.decode.prepare_inputs(params, CONFIG, PROMPTS, LENGTHS, max_new_tokens=NEW,
+                                                    spare_slots=3, capacity=PROMPTS.shape[1] + NEW + 3)
+    start = speculative.DraftStart(inputs=inputs, capacity=capacity, tuning=tuning.PLAIN, mesh=None)
+    width = int(LENGTHS.max())
+    starts = jnp.asarray(width - LENGTHS)
+    tokens = jax.random.randint(jax.random.key(3), (3, capacity + 5), 0, CONFIG.vocab_size, jnp.int32)
+    placed = jaxdec.cache.place_rows(inputs.prompts, inputs.lengths, starts, capacity + 5)
+    tokens = jnp.where(jnp.arange(capacity + 5)[None, :] < width, placed, tokens)  # prompts, then a continuation
+
+    def history(r):  # the newest token at slot width + r
+        return History(tokens=tokens, starts=starts, end=jnp.full((3,), width + r, jnp.int32))
+
+    key = jax.random.key(0)
+    propose = jax.jit(lambda st, r: draft.propose(st, history(r), jaxdec.Greedy(), key, tuning.PLAIN))
+    skip = jax.jit(lambda st, r: draft.skip(st, history(r), tuning.PLAIN))
+    every, skipping, idle = (draft.start(start),) * 3
+    for r in range(4):
+        _, every = propose(every, r)
+        if r == 0:
+            _, skipping = propose(skipping, r)
+            _, idle = propose(idle, r)
+        else:
+            skipping = skip(skipping, r)
+    want, got, stale = propose(every, 4)[0], propose(skipping, 4)[0], propose(idle, 4)[0]
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-5, rtol=0)
+    assert np.abs(np.asarray(stale.logits) - np.asarray(want.logits)).max() > 1e-2
 
 
 @pytest.mark.slow(reason="compiles plain and speculative programs with return_logits (~7 s)")

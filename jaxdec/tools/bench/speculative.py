@@ -171,6 +171,7 @@ def bench_speculative(batches=(1, 8), num_tokens: int = 4, new_tokens: int = 96,
                     accepted = int(np.sum(s.accepted))
                     row |= {"acceptance_by_position": [round(float(a), 3) for a in np.asarray(s.acceptance_rate())],
                             "verifications": rounds, "plain_steps": steps,
+                            "draft_proposals": int(np.sum(s.drafted)),
                             "tokens_per_verification": round((accepted + rounds) / max(rounds, 1), 2),
                             "tokens_equal_plain": bool(np.array_equal(np.asarray(r.tokens), np.asarray(plain.tokens)))}
                 rows.append(row)
