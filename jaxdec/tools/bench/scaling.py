@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +25,28 @@ def _generate_seconds(params, config, prompts, repeats: int, **kwargs) -> tuple[
     return timing.compile_seconds, timing.seconds
 
 
-def _reused_buffer_seconds(params, config, prompts, capacity: int, new_tokens: int, repeats: int) -> float:
-    """Median seconds of a generate call that writes its cache into the previous call's storage
-    (`generate(..., buffer=)`), so that nothing is allocated per call."""
+def _fresh_and_reused_seconds(params, config, prompts, capacity: int, new_tokens: int,
+                              repeats: int) -> tuple[float, float]:
+    """Median seconds of a generate call that allocates its cache, and of one that writes it into
+    the previous call's storage (`generate(..., buffer=)`), timed in turns so that the machine's
+    drift hits both."""
     held = [jaxdec.kv_buffer(config, prompts.shape[0], capacity)]
 
-    def run():
+    def fresh():
+        return jaxdec.generate(params, config, prompts, max_new_tokens=new_tokens, capacity=capacity).tokens
+
+    def reused():
         result = jaxdec.generate(params, config, prompts, max_new_tokens=new_tokens, buffer=held.pop())
         held.append(result.buffer)
         return result.tokens
 
-    return measure(run, repeats).seconds
+    times = {fresh: [], reused: []}
+    for fn in times:
+        measure(fn, 1)  # compile
+    for _ in range(repeats):
+        for fn, seen in times.items():
+            seen.append(measure(fn, 1).seconds)
+    return statistics.median(times[fresh]), statistics.median(times[reused])
 
 
 def bench_capacity(capacities=(264, 1024, 4096, 16384), batches=(1, 8), prompt_len=8, new_tokens=256,
@@ -52,9 +64,7 @@ def bench_capacity(capacities=(264, 1024, 4096, 16384), batches=(1, 8), prompt_l
         lengths = jnp.full((batch,), prompt_len, jnp.int32)
         base = None
         for capacity in capacities:
-            _, median = _generate_seconds(params, config, prompts, repeats, max_new_tokens=new_tokens,
-                                          capacity=capacity)
-            reused = _reused_buffer_seconds(params, config, prompts, capacity, new_tokens, repeats)
+            median, reused = _fresh_and_reused_seconds(params, config, prompts, capacity, new_tokens, repeats)
             buffer = jnp.pad(prompts, ((0, 0), (0, capacity - new_tokens - prompt_len)))  # as generate pads
             run_prefill = lambda: prefill(params, config, buffer, lengths, capacity)[1].k  # noqa: E731
             prefill_s = measure(run_prefill, repeats).seconds
