@@ -9,6 +9,9 @@ repeats one token.
 
 from __future__ import annotations
 
+import gc
+import os
+
 import jax
 import pytest
 
@@ -81,3 +84,25 @@ def params_for():
         return _PARAMS[config, seed]
 
     return get
+
+
+def _memory_maps() -> tuple[int, int] | None:
+    """(memory mappings of this process, the kernel's limit), on Linux; else None."""
+    try:
+        with open("/proc/self/maps") as maps, open("/proc/sys/vm/max_map_count") as limit:
+            return sum(1 for _ in maps), int(limit.read())
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bounded_compiled_programs():
+    """Each compiled XLA CPU program maps its code into the process; one pytest process compiles
+    thousands, and past the kernel's vm.max_map_count (65,530 by default) the compiler crashed
+    mid-suite. After a test file, once the mappings pass half the limit, the compiled programs
+    are dropped (later files recompile what they share)."""
+    yield
+    counts = _memory_maps()
+    if counts is not None and counts[0] > counts[1] // 2:
+        jax.clear_caches()
+        gc.collect()
