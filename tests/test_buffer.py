@@ -31,7 +31,7 @@ PROMPTS_B = np.random.default_rng(4).integers(1, 37, (3, 5)).astype(np.int32)
 LENGTHS_B = np.array([2, 5, 1], np.int32)
 
 
-@pytest.fixture(params=["one_block", "blocks_of_4"])
+@pytest.fixture
 def blocks(request, monkeypatch):
     """The platform's tuning (the cache read in one block), or attention blocks of 4 slots and
     prefill chunks of 3 rows, so that stale slots lie inside blocks the loops read."""
@@ -56,7 +56,15 @@ def poisoned(k_value, v_value) -> jaxdec.KVBuffer:
     return jaxdec.KVBuffer(k=jnp.full(shape, k_value, jnp.float32), v=jnp.full(shape, v_value, jnp.float32))
 
 
-@pytest.mark.parametrize("draft", [None, jaxdec.PromptLookup(num_tokens=3)], ids=["plain", "prompt_lookup"])
+_LOOKUP = jaxdec.PromptLookup(num_tokens=3)
+_SLOW = pytest.mark.slow(reason="time budget: the other draft covers these blocks")
+
+
+@pytest.mark.parametrize("blocks, draft", [
+    ("blocks_of_4", None), ("one_block", _LOOKUP),
+    pytest.param("one_block", None, marks=_SLOW), pytest.param("blocks_of_4", _LOOKUP, marks=_SLOW),
+], indirect=["blocks"], ids=["blocks_of_4-plain", "one_block-prompt_lookup", "one_block-plain",
+                             "blocks_of_4-prompt_lookup"])
 def test_reused_buffer_decodes_as_a_fresh_cache(draft, blocks, params):
     """One buffer handed from call to call, then buffers full of NaN / inf: every call's tokens,
     lengths and acceptance counts equal a fresh cache's and its logits agree to 1e-6; no row is
@@ -82,6 +90,7 @@ def test_reused_buffer_decodes_as_a_fresh_cache(draft, blocks, params):
         assert not np.any(got.nonfinite)
 
 
+@pytest.mark.slow(reason="time budget: compiles the encoder-decoder twice")
 def test_encoder_decoder_buffer_holds_the_decoder_cache():
     """The encoder-decoder's self-attention cache goes into the buffer (its cross K/V are made
     per call): a NaN buffer gives the tokens of a fresh cache."""
@@ -98,16 +107,22 @@ def test_encoder_decoder_buffer_holds_the_decoder_cache():
     assert got.buffer.shape == shape and not np.any(got.nonfinite)
 
 
-def test_buffer_is_donated_and_the_program_allocates_no_cache(params):
+def test_buffer_is_donated(params):
     """The arrays passed are deleted (donated), the result holds storage of the same shape, and
-    the compiled program writes the cache into it instead of allocating one: its temporary memory
-    does not grow with the capacity, while without a buffer it grows by the whole cache."""
+    passing the deleted buffer again is refused."""
     buffer = jaxdec.kv_buffer(CONFIG, 3, CAPACITY)
     got = run(params, PROMPTS_A, LENGTHS_A, buffer=buffer)
     assert buffer.k.is_deleted() and buffer.v.is_deleted()
     assert got.buffer.shape == buffer.shape and got.buffer.k.dtype == jnp.float32
     with pytest.raises(ValueError, match="donated to an earlier generate call"):
         run(params, PROMPTS_A, LENGTHS_A, buffer=buffer)
+
+
+@pytest.mark.slow(reason="time budget: compiles four programs")
+def test_the_program_with_a_buffer_allocates_no_cache(params):
+    """The compiled program writes the cache into the buffer instead of allocating one: its
+    temporary memory does not grow with the capacity, while without a buffer it grows by the
+    whole cache."""
 
     def temp_bytes(capacity: int, with_buffer: bool) -> int:
         inputs, _ = decode.prepare_inputs(params, CONFIG, PROMPTS_A, LENGTHS_A, max_new_tokens=NEW,

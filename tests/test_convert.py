@@ -346,7 +346,8 @@ def test_converted_params_cached_equals_uncached_under_jit(kind, case):
 
 
 @pytest.mark.parametrize("kind,early_stopping,length_penalty",
-                         [("marian", False, 1.0), ("marian", True, 0.6), ("gpt2", False, 1.0)])
+                         [pytest.param("marian", False, 1.0, marks=pytest.mark.slow(reason="time budget: the next case covers Marian")),
+                          ("marian", True, 0.6), ("gpt2", False, 1.0)])
 def test_beam_search_matches_hf(kind, early_stopping, length_penalty):
     """num_beams=4, an eos the model emits mid-sequence (finished hypotheses compete with running
     beams), batch 3 with sources (Marian) or left-padded prompts (GPT-2) of different lengths."""
@@ -609,6 +610,7 @@ def cli():
     return jaxdec.hf.cli
 
 
+@pytest.mark.slow(reason="time budget: converts and decodes through the CLI; test_greedy_matches_hf covers the tokens")
 def test_cli_gpt2_greedy_matches_hf(tmp_path, cli, capsys):
     hf, config, params = _model("gpt2", "gelu_new")
     hf.save_pretrained(tmp_path)

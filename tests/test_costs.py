@@ -42,8 +42,9 @@ def test_counted_forward_flops_match_xla_cost_analysis(config, source_len):
     assert 1.0 <= xla / counted < 1.15
 
 
-@pytest.mark.parametrize("config", [DECODER, GATED, DecoderConfig(vocab_size=VOCAB_SIZE, num_layers=1, d_model=64,
-                                                                  num_heads=4, max_len=64)])
+@pytest.mark.parametrize("config", [pytest.param(DECODER, marks=pytest.mark.slow(reason="time budget")), GATED,
+                                    DecoderConfig(vocab_size=VOCAB_SIZE, num_layers=1, d_model=64, num_heads=4,
+                                                  max_len=64)])
 def test_counted_train_step_flops_match_xla_cost_analysis(config):
     B, T = 4, 48
     state = jax.eval_shape(lambda: jaxdec.create_train_state(config, jaxdec.TrainConfig(), jax.random.key(0)))

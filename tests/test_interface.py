@@ -147,6 +147,7 @@ def test_user_stochastic_sampler_needs_key_and_is_reproducible(params):
     assert not np.array_equal(runs[0], runs[2])
 
 
+@pytest.mark.slow(reason="time budget: compiles beam search for a user sampler")
 def test_user_sampler_in_beam_search(params):
     """A user argmax without `draw` gives beam search exactly the default's (top_k) beams, and a
     stochastic sampler runs a reproducible sampled beam search."""

@@ -56,6 +56,7 @@ def test_resume_reproduces_the_uninterrupted_curve(tmp_path, capsys):
     assert (pathlib.Path(resumed.runs_dir) / "resumed" / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.slow(reason="time budget: two training runs")
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
     cfg = _cfg(tmp_path, num_samples=0)
     run(cfg)

@@ -207,6 +207,7 @@ def _beam_reference(logp_of, vocab: int, width: int, steps: int):
     return beams[0]
 
 
+@pytest.mark.slow(reason="time budget: enumerates every continuation; test_convert checks Marian's beams against HF")
 def test_beam_search_equals_beam_reference_over_every_continuation():
     """What beam search must return, checked exhaustively over all V^3 continuations.
 

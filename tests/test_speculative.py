@@ -324,6 +324,7 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling(sampler_nam
     assert _chi_square_p(plain, exact) > 1e-4
 
 
+@pytest.mark.slow(reason="time budget: 2,000 rows of speculative sampling under a planted rule")
 def test_a_wrong_acceptance_rule_fails_the_distribution_test(monkeypatch):
     """Accepting a draft with probability min(1, p / q) is what makes the output exact: accept
     every draft instead and the same test rejects the output."""

@@ -77,7 +77,7 @@ def test_padding_weights_exclude_padding():
     chex.assert_trees_all_close(s1.params, s2.params, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("dropout", [pytest.param(0.0, marks=pytest.mark.slow(reason="time budget: 0.2 covers it")), 0.2])
 def test_row_groups_equal_one_group(dropout):
     """A step split into independent row groups (the CPU tuning's form) gives the loss, metrics
     and update of one group: padded rows and rows of different lengths in each group, fp32,

@@ -52,6 +52,7 @@ def test_blocked_cache_generate_under_x64(decoder_configs, params_for):
     np.testing.assert_array_equal(on, off)
 
 
+@pytest.mark.slow(reason="time budget: compiles beam search under x64")
 def test_beam_search_under_x64(decoder_configs, params_for):
     config = decoder_configs["learned"]
     params = params_for(config)
