@@ -92,11 +92,15 @@ def init_cache(
     return KVCache(k=k, v=v, starts=jnp.zeros((batch,), jnp.int32), end=jnp.zeros((), jnp.int32))
 
 
-def check_buffer(buffer, shape: tuple[int, ...], dtype) -> None:
-    """A KVBuffer must have the cache's shape [L, B, K, S, H] and dtype (ValueError)."""
+def check_buffer(buffer, shape: tuple[int, ...] | None = None, dtype=None) -> None:
+    """A KVBuffer, with the cache's shape [L, B, K, S, H] and dtype when they are given (both
+    arrays: k's dtype when dtype is None). ValueError."""
     if not isinstance(buffer, KVBuffer):
         raise ValueError(f"buffer must be a jaxdec.KVBuffer (jaxdec.kv_buffer, or a result's .buffer), "
                          f"got {type(buffer).__name__}")
+    if shape is None:
+        return
+    dtype = buffer.k.dtype if dtype is None else dtype
     for name, x in (("k", buffer.k), ("v", buffer.v)):
         if tuple(x.shape) != tuple(shape) or x.dtype != jnp.dtype(dtype):
             raise ValueError(f"buffer.{name} is {x.dtype}{list(x.shape)}; this call's cache is "
@@ -144,25 +148,31 @@ def write_layer(k_all: jax.Array, v_all: jax.Array, layer, end, k: jax.Array, v:
         return (jax.lax.dynamic_update_slice(k_all, k[None], start),
                 jax.lax.dynamic_update_slice(v_all, v[None], start))
 
-    # One in-place slice update per row: a batched (vmapped) update is a scatter, which XLA's CPU
-    # backend ran on a copy of the whole [L, B, K, S, H] cache. Up to ROWS_UNROLLED rows the
-    # updates are written out one by one (a loop is one more loop per layer and step); beyond,
-    # a loop keeps the program small.
-    def write_row(b, kv):
-        start = slice_start(layer, b, 0, end[b], 0)
-        return tuple(jax.lax.dynamic_update_slice(a, jax.lax.dynamic_index_in_dim(x, b, 0)[None], start)
-                     for a, x in zip(kv, (k, v)))
+    return write_each_row((k_all, v_all), (k[None], v[None]), lambda b: slice_start(layer, b, 0, end[b], 0),
+                          row_axis=1)
 
-    B = k.shape[0]
+
+def write_each_row(arrays: tuple[jax.Array, ...], rows: tuple[jax.Array, ...], start, row_axis: int = 0):
+    """arrays with row b of each of `rows` (batch along row_axis, 1 there after the update) written
+    at start(b), a tuple of int32 start indices: one in-place slice update per row and array.
+
+    A batched (vmapped) update is a scatter, which XLA's CPU backend ran on a copy of the whole
+    array. Up to ROWS_UNROLLED rows the updates are written out one by one (a loop is one more
+    loop per layer and step); beyond, a loop keeps the program small."""
+    def write_row(b, arrays):
+        return tuple(jax.lax.dynamic_update_slice(a, jax.lax.dynamic_index_in_dim(x, b, row_axis), start(b))
+                     for a, x in zip(arrays, rows))
+
+    B = rows[0].shape[row_axis]
     if B > ROWS_UNROLLED:
-        return jax.lax.fori_loop(0, B, write_row, (k_all, v_all))
-    kv = (k_all, v_all)
+        return jax.lax.fori_loop(0, B, write_row, tuple(arrays))
+    arrays = tuple(arrays)
     for b in range(B):
-        kv = write_row(b, kv)
-    return kv
+        arrays = write_row(b, arrays)
+    return arrays
 
 
-# Rows up to which `write_layer` writes a per-row cache with one slice update per row written out.
+# Rows up to which `write_each_row` writes its updates out one by one instead of looping.
 ROWS_UNROLLED = 16
 
 

@@ -607,12 +607,10 @@ def check_buffer_arg(buffer, config, batch: int, capacity, use_cache: bool) -> N
     is checked against the params' where the cache is made). ValueError before any compute."""
     if not use_cache:
         raise ValueError("buffer= holds a KV cache: use_cache must be True")
-    if not isinstance(buffer, kv_cache.KVBuffer):
-        raise ValueError(f"buffer must be a jaxdec.KVBuffer (jaxdec.kv_buffer, or a result's .buffer), "
-                         f"got {type(buffer).__name__}")
+    kv_cache.check_buffer(buffer)
     if any(isinstance(x, jax.Array) and checks.is_concrete(x) and x.is_deleted() for x in (buffer.k, buffer.v)):
         raise ValueError("this buffer was donated to an earlier generate call and its arrays are deleted: "
                          "pass that call's result.buffer instead")
     S = buffer.k.shape[3] if capacity is None else capacity
     shape = (config.num_layers, batch, config.kv_heads, S, config.head_dim)
-    kv_cache.check_buffer(buffer, shape, buffer.k.dtype)
+    kv_cache.check_buffer(buffer, shape)

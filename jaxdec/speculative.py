@@ -368,12 +368,9 @@ class SpecState:
 
 
 def _write_rows(buffer: jax.Array, rows: jax.Array, at: jax.Array) -> jax.Array:
-    """buffer [B, W, ...] with rows [B, C, ...] written at each row's own offset at [B]: one
-    in-place slice update per row (a vmapped one is a scatter, run on a copy on CPU)."""
-    def one(b, buffer):
-        row = jax.lax.dynamic_index_in_dim(rows, b, 0)  # [1, C, ...]
-        return jax.lax.dynamic_update_slice(buffer, row, kv_cache.slice_start(b, at[b], *(0,) * (buffer.ndim - 2)))
-    return jax.lax.fori_loop(0, buffer.shape[0], one, buffer)
+    """buffer [B, W, ...] with rows [B, C, ...] written at each row's own offset at [B]."""
+    start = lambda b: kv_cache.slice_start(b, at[b], *(0,) * (buffer.ndim - 2))  # noqa: E731
+    return kv_cache.write_each_row((buffer,), (rows,), start)[0]
 
 
 @flax.struct.dataclass
@@ -464,12 +461,13 @@ def speculative_loop(extend_fn, params, cache, first_logits: jax.Array, prompts:
         out_logits=out_logits,
     )
     ratio = verify_ratio(B, gamma, tuning.verify_row_cost)
-    no_proposal = _no_proposal(draft, draft_state, history, sampler, key, tuning)
+    skippable = hasattr(draft, "skip")
+    no_proposal = _no_proposal(draft, draft_state, history, sampler, key, tuning) if skippable else None
 
     def draft_round(state: SpecState, key):
         """(the proposal, the draft's state, bool []: the draft proposed). A draft with `skip` is
         skipped when even a draft for every running row would not be verified."""
-        if not hasattr(draft, "skip"):
+        if not skippable:
             return *draft.propose(state.draft_state, state.history, sampler, key, tuning), jnp.ones((), bool)
         running = ~state.done
         drafting = should_verify(state.expected, running, running, ratio)

@@ -65,8 +65,8 @@ def bench_capacity(capacities=(264, 1024, 4096, 16384), batches=(1, 8), prompt_l
         base = None
         for capacity in capacities:
             median, reused = _fresh_and_reused_seconds(params, config, prompts, capacity, new_tokens, repeats)
-            buffer = jnp.pad(prompts, ((0, 0), (0, capacity - new_tokens - prompt_len)))  # as generate pads
-            run_prefill = lambda: prefill(params, config, buffer, lengths, capacity)[1].k  # noqa: E731
+            padded = jnp.pad(prompts, ((0, 0), (0, capacity - new_tokens - prompt_len)))  # as generate pads
+            run_prefill = lambda: prefill(params, config, padded, lengths, capacity)[1].k  # noqa: E731
             prefill_s = measure(run_prefill, repeats).seconds
             tok_s = batch * new_tokens / median
             step_s = max(median - prefill_s, 1e-9) / new_tokens
